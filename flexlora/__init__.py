@@ -1,0 +1,19 @@
+"""FlexLoRA: entropy-guided flexible low-rank adaptation."""
+
+from .allocator import RankAllocator, RankChange
+from .config import FlexLoRAConfig
+from .export import export_peft, load_adapters, save_adapters
+from .layer import FlexLoRALayer
+from .model import Adapters, inject
+
+__all__ = [
+    "Adapters",
+    "FlexLoRAConfig",
+    "FlexLoRALayer",
+    "RankAllocator",
+    "RankChange",
+    "export_peft",
+    "inject",
+    "load_adapters",
+    "save_adapters",
+]

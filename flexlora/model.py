@@ -1,0 +1,130 @@
+"""Model surgery: put FlexLoRA layers into any transformers (or plain torch) model."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .config import FlexLoRAConfig
+from .layer import ADAPTABLE_TYPES, FlexLoRALayer
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a regex string must match the whole name; a list entry matches the name or its suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+@dataclass
+class ParameterCount:
+    capacity: int  # adapter parameters allocated (P, lambda, Q at max_rank): the paper's "Params." column
+    active: int  # adapter parameters in active directions right now
+    modules_to_save: int  # extra trainable parameters (e.g. a classifier head)
+    total: int  # every parameter of the model
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.capacity + self.modules_to_save:,} (adapter capacity {self.capacity:,}, "
+            f"active {self.active:,}, modules_to_save {self.modules_to_save:,}) || all params: {self.total:,} || "
+            f"trainable%: {100 * (self.capacity + self.modules_to_save) / self.total:.4f}"
+        )
+
+
+class Adapters:
+    """Handle on the FlexLoRA layers of one model, in module order (which fixes allocation tie-breaking).
+
+    The layers stay the same Python objects through DDP / FSDP2 wrapping, so this handle keeps working after
+    ``accelerator.prepare``.
+    """
+
+    def __init__(self, model: nn.Module, config: FlexLoRAConfig, layers: dict[str, FlexLoRALayer], saved: list[str]):
+        self.model = model
+        self.config = config
+        self.layers = layers
+        self.modules_to_save = saved
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.layers)
+
+    def active_ranks(self) -> dict[str, int]:
+        return {name: layer.active_rank() for name, layer in self.layers.items()}
+
+    def total_active_rank(self) -> int:
+        return sum(self.active_ranks().values())
+
+    def parameter_count(self) -> ParameterCount:
+        capacity = active = 0
+        for layer in self.layers.values():
+            per_direction = layer.d_out + layer.d_in + 1
+            capacity += per_direction * layer.capacity
+            active += per_direction * layer.active_rank()
+        saved = sum(
+            p.numel() for name, module in self.model.named_modules() if name in self.modules_to_save for p in module.parameters()
+        )
+        total = sum(p.numel() for p in self.model.parameters())
+        return ParameterCount(capacity=capacity, active=active, modules_to_save=saved, total=total)
+
+    def orth_penalty(self) -> float:
+        """Sum of the orthogonality penalties of the last training forward (for logging)."""
+        values = [layer.last_orth_penalty for layer in self.layers.values() if layer.last_orth_penalty is not None]
+        return float(torch.stack(values).sum()) if values else 0.0
+
+    def set_gradient_accumulation_steps(self, steps: int) -> None:
+        """The penalty's gradient enters once per forward; scale it so an optimizer step sees it once."""
+        if steps < 1:
+            raise ValueError(f"gradient accumulation steps must be >= 1, got {steps}")
+        for layer in self.layers.values():
+            layer.penalty_grad_scale = 1.0 / steps
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Fold every Delta W into its base weight and put the plain base layers back."""
+        for name, layer in self.layers.items():
+            layer.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, layer.base_layer)
+        self.layers = {}
+        return self.model
+
+
+def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
+    """Replace every target module by a FlexLoRA layer, freeze everything else, return the handle.
+
+    Call this before ``accelerator.prepare`` / FSDP / DeepSpeed: shapes are fixed from here on.
+    """
+    if any(isinstance(m, FlexLoRALayer) for m in model.modules()):
+        raise ValueError("this model already has FlexLoRA layers; inject once per model")
+    matched = [(name, module) for name, module in model.named_modules() if name and _matches(name, config.target_modules)]
+    if not matched:
+        linear_names = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, ADAPTABLE_TYPES)})
+        raise ValueError(
+            f"target_modules {config.target_modules!r} matched no module of {type(model).__name__}; "
+            f"its linear layers are named {linear_names}"
+        )
+    wrong = [f"{name} ({type(m).__name__})" for name, m in matched if not isinstance(m, ADAPTABLE_TYPES)]
+    if wrong:
+        raise ValueError(f"target_modules matched modules FlexLoRA cannot adapt (only Linear / Conv1D): {wrong}")
+    saved = [name for name, _ in model.named_modules() if name and config.modules_to_save and _matches(name, config.modules_to_save)]
+    missing = [t for t in config.modules_to_save if not any(_matches(n, [t]) for n in saved)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    layers: dict[str, FlexLoRALayer] = {}
+    for index, (name, module) in enumerate(matched):
+        layer = FlexLoRALayer(module, config, module_index=index)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+        layers[name] = layer
+    for name in saved:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(True)
+    return Adapters(model, config, layers, saved)
