@@ -125,11 +125,11 @@ class RankAllocator:
             names = [self.names[i] for i in torch.nonzero(bad).flatten().tolist()]
             raise FloatingPointError(f"step {step}: lambda of {names} contains NaN or inf; lower the learning rate or check the data")
 
-    def decide(self, step: int) -> list[tuple[str, int, int, float]]:
-        """(action, module index, slot, score) for this step; empty outside allocation steps."""
+    def decide(self, step: int) -> tuple[int, list[tuple[str, int, int, float]]]:
+        """The budget b(t) and the changes (action, module index, slot, score); none outside allocation steps."""
         budget = ranks_to_move(step, self.config)
         if budget == 0:
-            return []
+            return 0, []
         lam, collectives = distributed.gather_lambda_matrix([layer.lora_lambda for layer in self.layers])
         self.collectives_last_step += collectives
         mask = torch.stack([layer.rank_mask.detach().double().cpu() for layer in self.layers])
@@ -142,7 +142,7 @@ class RankAllocator:
         )
         decision = [("prune", i, weakest_active_slot(lam[i], mask[i]), float(scores[i])) for i in prune]
         decision += [("expand", i, first_free_slot(mask[i]), float(scores[i])) for i in expand]
-        return decision
+        return budget, decision
 
     # ---- applying it to the tensors this process holds ------------------------------------------------
     @torch.no_grad()
@@ -198,12 +198,11 @@ class RankAllocator:
                     params.append(getattr(layer, attr))
                     names.append(f"{name}.{attr}")
             self.sensitivity.update(params, names)
-        decision = self.decide(global_step)
+        budget, decision = self.decide(global_step)
         if not decision:
             return []
         distributed.assert_same_decision([(a, i, s) for a, i, s, _ in decision], self.layers[0].rank_mask.device)
         self.collectives_last_step += int(distributed.is_distributed())
-        budget = ranks_to_move(global_step, self.config)
         changes = []
         for action, index, slot, score in decision:
             layer = self.layers[index]

@@ -124,6 +124,10 @@ def value_pieces(param: torch.Tensor) -> list[Piece]:
 
         start = _zero3_partition_start(param)
         pieces = [Piece(_flat_view(param.ds_tensor.data), start, shape)]
+        if param.data.numel() == param.ds_numel:
+            # Gathered right now (small parameters persist gathered: stage3_param_persistence_threshold), and the
+            # forward reads this full copy until DeepSpeed re-gathers it from the partitions after the next step.
+            pieces.append(Piece(_flat_view(param.data), 0, shape))
         master = safe_get_local_fp32_param(param)
         if master is not None:
             master = master.detach().clone().view(-1)

@@ -108,7 +108,8 @@ class FlexLoRALayer(nn.Module):
         result = self.base_layer(x)
         if self.merged:
             return result
-        gains = self.lora_lambda * self.rank_mask * self.scaling
+        # The mask buffer keeps its own dtype while FSDP2 mixed precision casts lambda to bf16 for compute.
+        gains = self.lora_lambda * self.rank_mask.to(self.lora_lambda.dtype) * self.scaling
         h = self.dropout(x.to(self.lora_Q.dtype))
         delta = F.linear(F.linear(h, self.lora_Q) * gains, self.lora_P)
         if self.training and self.orth_reg_weight > 0 and torch.is_grad_enabled():

@@ -1,0 +1,160 @@
+"""Communication of one FlexLoRA allocation step: collectives and bytes, measured and computed from shapes.
+
+Under a sharded engine (FSDP2, ZeRO-3) every process contributes its rows of every module's lambda to ONE
+all-gather of one flat float32 buffer (``ceil(R / world)`` elements per module), and all processes check that
+they took the same decision with one all-reduce of two int64. Replicated engines (DDP, ZeRO-1/2) need only
+the check. P, Q and base weights never move.
+
+    python bench/comm_volume.py                       # the table computed from shapes only
+    accelerate launch --config_file accelerate_configs/cpu_fsdp2.yaml bench/comm_volume.py --measure
+        # also measures one allocation step of SmolLM2-135M-shaped adapters (random weights) on 2 processes
+
+The measurement counts every collective dispatched during ``RankAllocator.step`` (c10d and functional ops),
+with the bytes this process sends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from flexlora.distributed import lambda_gather_payload
+
+DECISION_CHECK_BYTES = 16  # two int64: the all-reduce comparing decision digests
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    def target_dims(self) -> list[tuple[int, int]]:
+        """(d_out, d_in) of q, k, v, up, down in every layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        per_layer = [(q, self.hidden), (kv, self.hidden), (kv, self.hidden), (self.intermediate, self.hidden), (self.hidden, self.intermediate)]
+        return per_layer * self.layers
+
+
+SMOLLM2_135M = Shape("SmolLM2-135M", 30, 576, 1536, 9, 3, 64, 49152)
+LLAMA3_8B = Shape("LLaMA3-8B", 32, 4096, 14336, 32, 8, 128, 128256)
+
+
+def computed_row(shape: Shape, r: int, world: int, sharded: bool) -> dict:
+    capacity = math.ceil(1.5 * r)
+    dims = shape.target_dims()
+    n = len(dims)
+    sent, received = lambda_gather_payload(n, capacity, world) if sharded else (0, 0)
+    p_q_bytes = sum((d_out + d_in) * capacity for d_out, d_in in dims) * 4
+    return {
+        "model": shape.name,
+        "r": r,
+        "R": capacity,
+        "modules": n,
+        "world": world,
+        "engine": "FSDP2 / ZeRO-3" if sharded else "DDP / ZeRO-1/2",
+        "collectives": 2 if sharded else 1,
+        "sent": sent * 4 + DECISION_CHECK_BYTES,
+        "received": received * 4 + DECISION_CHECK_BYTES,
+        "p_q_fp32": p_q_bytes,
+    }
+
+
+def print_computed() -> None:
+    print("## Computed from shapes (fp32 lambda buffer, per allocation step, per process)\n")
+    print("| model | r | R | modules | processes | engine | collectives | bytes sent | bytes received | P+Q of all adapters (fp32), for scale |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = [computed_row(SMOLLM2_135M, 8, 2, True), computed_row(SMOLLM2_135M, 8, 2, False)]
+    for r in (8, 32):
+        for world in (8, 16, 64):
+            rows.append(computed_row(LLAMA3_8B, r, world, True))
+        rows.append(computed_row(LLAMA3_8B, r, 8, False))
+    for row in rows:
+        print(
+            f"| {row['model']} | {row['r']} | {row['R']} | {row['modules']} | {row['world']} | {row['engine']} | "
+            f"{row['collectives']} | {row['sent']:,} | {row['received']:,} | {row['p_q_fp32'] / 2**20:,.1f} MiB |"
+        )
+    print()
+
+
+class CollectiveRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if "c10d" in name:
+            sent = args[1] if ("allgather" in name or "all_gather" in name) else args[0]
+            tensors = sent if isinstance(sent, (list, tuple)) else [sent]
+            self.calls.append((name, sum(t.numel() * t.element_size() for t in tensors)))
+        return func(*args, **(kwargs or {}))
+
+
+def measure() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import flexlora
+    from flexlora.accelerate_setup import build_accelerator
+
+    accelerator = build_accelerator()
+    s = SMOLLM2_135M
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    # Allocation at step 1 (t_warmup = 1), b0 = 4 matrices pruned and 4 expanded.
+    flex = flexlora.FlexLoRAConfig(target_modules=TARGETS, r=8, b0=4, t_warmup=1, delta_t=1, total_steps=10, schedule="constant")
+    adapters = flexlora.inject(model, flex)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tokens = torch.randint(0, s.vocab, (2 * accelerator.num_processes, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(tokens, batch_size=2)  # DeepSpeed sizes its batch from a prepared loader
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    allocator = flexlora.RankAllocator(adapters)
+    batch = next(iter(loader))
+    accelerator.backward(model(input_ids=batch, labels=batch).loss)
+    optimizer.step()
+    start = time.perf_counter()
+    with CollectiveRecorder() as recorder:
+        changes = allocator.step(1, optimizer)
+    elapsed = time.perf_counter() - start
+    optimizer.zero_grad()
+    if accelerator.is_main_process:
+        print(f"## Measured: {s.name}-shaped adapters, {len(adapters.layers)} modules, R = {flex.max_rank}, "
+              f"{accelerator.num_processes} processes, {accelerator.distributed_type.value} "
+              f"({accelerator.device.type}, {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'no process group'})\n")
+        print(f"- changes applied: {len(changes)} ({sum(c.action == 'prune' for c in changes)} prune, "
+              f"{sum(c.action == 'expand' for c in changes)} expand)")
+        print(f"- collectives during allocator.step: {len(recorder.calls)} (allocator.collectives_last_step = "
+              f"{allocator.collectives_last_step})")
+        for name, sent in recorder.calls:
+            print(f"  - {name}: {sent:,} bytes sent by this process")
+        print(f"- total sent by this process: {sum(b for _, b in recorder.calls):,} bytes")
+        print(f"- wall time of allocator.step: {elapsed * 1e3:.1f} ms (gather, decision, in-place edits)\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--measure", action="store_true", help="also measure one allocation step (launch with accelerate)")
+    args = parser.parse_args()
+    if args.measure:
+        measure()
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print_computed()
+
+
+if __name__ == "__main__":
+    main()
