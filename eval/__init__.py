@@ -1,0 +1,1 @@
+"""Scoring: lm-eval-harness runs of trained adapters (``python -m eval.commonsense``)."""

@@ -1,0 +1,194 @@
+"""VTAB-1k fine-tuning (paper §4.5, Table 3, App. D.3 Tables 10 / 11): FlexLoRA, LoRA or AdaLoRA on ViT-B/16 (ImageNet-21k).
+
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/vit_vtab.py --config recipes/configs/vtab/vit_b16_in21k.yaml data.task=cifar
+    for task in cifar caltech101 dtd oxford_flowers102 oxford_iiit_pet svhn sun397 patch_camelyon eurosat resisc45 \\
+                diabetic_retinopathy clevr_count clevr_dist dmlab kitti dsprites_loc dsprites_ori smallnorb_azi smallnorb_ele; do
+      accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/vit_vtab.py \\
+        --config recipes/configs/vtab/vit_b16_in21k.yaml data.task=$task method=flexlora
+    done
+
+``data.protocol=final`` (default) trains on all 1000 images (train800val200) and scores the official test set, as
+Table 3 reports; ``data.protocol=tuning`` trains on train800 and scores val200, for choosing hyper-parameters.
+Data layouts (image folders, the VTAB-1k list files, or a hub dataset): see flexlora/vtab.py. Images are resized and
+normalised by the model's own image processor (for the ImageNet-21k ViT-B/16: 224 x 224, mean = std = 0.5).
+
+Any image classifier works through ``AutoModelForImageClassification``: set ``model.path`` and name its linear
+layers in ``adapter.target_modules`` and its head in ``adapter.modules_to_save``. Overrides as in the other recipes
+(``key=value``, dotted for sections). Outputs: as recipes/deberta_glue.py (whose training loop this recipe uses).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# flexlora (repo root) and the shared loop in recipes/deberta_glue.py import from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deberta_glue import (  # noqa: E402
+    ClassifierTrainConfig,
+    EvalSettings,
+    load_classifier,
+    model_location,
+    model_name,
+    train_and_evaluate,
+)
+from flexlora import FlexLoRAConfig, vtab  # noqa: E402
+from flexlora.accelerate_setup import build_accelerator  # noqa: E402
+from flexlora.training import (  # noqa: E402
+    METHODS,
+    CheckpointConfig,
+    LoggingConfig,
+    ModelConfig,
+    config_to_yaml,
+    load_config,
+    parse_cli,
+    setup_logging,
+)
+
+log = logging.getLogger("vit_vtab")
+
+# ViT names in transformers 5 (older checkpoints are renamed on load): attention q/k/v/o and the MLP, six matrices per block
+VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+
+
+@dataclass
+class VtabDataConfig:
+    task: str = "cifar"  # a VTAB-1k task (flexlora.vtab.VTAB_TASKS); another name needs num_classes
+    protocol: str = "final"  # final: train800val200 -> test | tuning: train800 -> val200
+    source: str = "local"  # local: image folders or list files under root | hub: hub_dataset via datasets.load_dataset
+    root: str = "data/vtab-1k"  # holds <task>/<split>/<class>/<image> or <task>/<split>.txt
+    hub_dataset: str | None = None
+    hub_config: str | None = None  # default: the task name
+    hub_train_split: str | None = None  # default: the protocol's split names (train800val200 / test ...)
+    hub_eval_split: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    num_classes: int | None = None  # default: Table 10's count for the task
+    max_eval_samples: int | None = None  # a seeded subset of the evaluation split (quick checks); null: all
+    num_workers: int = 4  # image decoding and preprocessing processes per data loader
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.protocol not in vtab.PROTOCOLS:
+            errors.append(f"data.protocol must be one of {', '.join(vtab.PROTOCOLS)}, got {self.protocol!r}")
+        if self.source not in ("local", "hub"):
+            errors.append(f"data.source must be local or hub, got {self.source!r}")
+        if self.source == "hub" and not self.hub_dataset:
+            errors.append("data.source=hub needs data.hub_dataset")
+        if self.task not in vtab.VTAB_TASKS and self.num_classes is None:
+            errors.append(f"data.task {self.task!r} is not a VTAB-1k task ({', '.join(vtab.VTAB_TASKS)}): give data.num_classes")
+        if self.num_classes is not None and self.num_classes < 2:
+            errors.append(f"data.num_classes must be >= 2, got {self.num_classes}")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            errors.append(f"data.max_eval_samples must be >= 1 or null, got {self.max_eval_samples}")
+        if self.num_workers < 0:
+            errors.append(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def classes(self) -> int:
+        return self.num_classes if self.num_classes is not None else vtab.VTAB_TASKS[self.task].num_classes
+
+
+@dataclass
+class RecipeConfig:
+    method: str = "flexlora"  # flexlora | lora | adalora
+    output_dir: str = "outputs/vtab/{task}-{method}"  # {task} and {method} are filled in
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="google/vit-base-patch16-224-in21k", dtype="float32",
+                                                                    gradient_checkpointing=False))
+    data: VtabDataConfig = field(default_factory=VtabDataConfig)
+    # A FlexLoRAConfig; LoRA and AdaLoRA take r, alpha, dropout, targets, head and schedule from it (budget rule in
+    # flexlora.training.build_method). total_steps is filled in from the data and train.epochs / train.max_steps.
+    adapter: FlexLoRAConfig = field(
+        default_factory=lambda: FlexLoRAConfig(target_modules=list(VIT_TARGETS), r=8, lora_alpha=16, b0=4, t_warmup=500,
+                                               t_final=500, delta_t=100, modules_to_save=["classifier"])
+    )
+    train: ClassifierTrainConfig = field(
+        default_factory=lambda: ClassifierTrainConfig(epochs=100, batch_size=32, micro_batch_size=32, lr=1e-3, warmup_ratio=0.1)
+    )
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.adapter.total_steps is not None:
+            raise ValueError("adapter.total_steps is derived from the data and train.epochs / train.max_steps; leave it unset")
+        if not self.adapter.modules_to_save:
+            raise ValueError("adapter.modules_to_save is empty: the new classifier head must be trained (e.g. [classifier])")
+        self.output_dir = self.output_dir.replace("{method}", self.method).replace("{task}", self.data.task)
+
+
+def load_vtab_samples(data: VtabDataConfig) -> tuple[object, object, str]:
+    """(training samples, evaluation samples, evaluation split name) for the configured protocol and source."""
+    train_split, eval_split = vtab.PROTOCOLS[data.protocol]
+    if data.source == "local":
+        train = vtab.list_split(data.root, data.task, train_split)
+        evaluation = vtab.list_split(data.root, data.task, eval_split)
+    else:
+        name = data.hub_config or data.task
+        columns = {"name": name, "image_column": data.image_column, "label_column": data.label_column}
+        train = vtab.load_hub_split(data.hub_dataset, data.hub_train_split or train_split, **columns)
+        evaluation = vtab.load_hub_split(data.hub_dataset, data.hub_eval_split or eval_split, **columns)
+    if data.max_eval_samples is not None and data.max_eval_samples < len(evaluation):
+        chosen = sorted(random.Random(data.seed).sample(range(len(evaluation)), data.max_eval_samples))
+        evaluation = [evaluation[i] for i in chosen]
+        log.info("data.max_eval_samples=%d: scoring a seeded subset of %s", data.max_eval_samples, eval_split)
+    log.info("VTAB-1k %s (%s protocol): %d training images (%s), %d evaluation images (%s)",
+             data.task, data.protocol, len(train), train_split, len(evaluation), eval_split)
+    return train, evaluation, eval_split
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+    from accelerate.utils import set_seed
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+    config: RecipeConfig = load_config(RecipeConfig, config_path, overrides)
+    accelerator = build_accelerator()
+    is_main = accelerator.is_main_process
+    setup_logging(is_main)
+    out = Path(config.output_dir)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_to_yaml(config))
+        log.info("resolved config (%s + %s):\n%s", config_path, overrides or "no overrides", config_to_yaml(config))
+    log.info("%d process(es), distributed type %s, device %s", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device)
+    set_seed(config.train.seed)
+
+    train_samples, eval_samples, eval_split = load_vtab_samples(config.data)
+    with accelerator.main_process_first():  # the first process downloads, the others read its cache
+        processor = AutoImageProcessor.from_pretrained(model_location(config.model.path))
+        # ignore_mismatched_sizes: a checkpoint that has a head of another size (ImageNet-1k) gets a new one too
+        model = load_classifier(AutoModelForImageClassification, config.model, accelerator.device,
+                                num_labels=config.data.classes(), ignore_mismatched_sizes=True)
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_dataset = vtab.ImageSamples(train_samples, processor)
+    eval_datasets = {eval_split: vtab.ImageSamples(eval_samples, processor)}
+
+    def score(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        return {"accuracy": vtab.top1_accuracy(logits, labels)}
+
+    title = f"{config.method} rank allocation, VTAB-1k {config.data.task} ({model_name(config.model.path)}, r={config.adapter.r})"
+    describe = {"task": config.data.task, "protocol": config.data.protocol, "model": config.model.path}
+    metrics = train_and_evaluate(config, accelerator, model, None, train_dataset, eval_datasets, torch.utils.data.default_collate,
+                                 score, f"{eval_split}/accuracy", title, describe, num_workers=config.data.num_workers)
+    if is_main:
+        print(f"VTAB-1k {config.data.task} {config.method}: {eval_split} accuracy {metrics['final'][f'{eval_split}/accuracy']:.4f}", flush=True)
+    accelerator.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

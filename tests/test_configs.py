@@ -1,0 +1,109 @@
+"""Every recipe yaml loads into its typed config; overrides and bad values give errors naming the key."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from flexlora.training import ConfigError, load_config, parse_cli
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("llama3_cr_recipe", REPO / "recipes" / "llama3_cr.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"llama3_8b_cr_r8.yaml", "llama3_8b_cr_r32.yaml", "quickstart.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_validates(recipe, path):
+    config = load_config(recipe.RecipeConfig, path)
+    assert config.method in ("flexlora", "lora", "adalora")
+    assert config.adapter.max_rank == math.ceil(1.5 * config.adapter.r)
+    assert config.train.batch_size % config.train.micro_batch_size == 0
+    # the header says how to run this very file
+    command = f"recipes/llama3_cr.py --config recipes/configs/{path.name}"
+    assert command in path.read_text().split("\nmethod:")[0]
+
+
+@pytest.mark.parametrize("rank", [8, 32])
+def test_llama3_configs_use_the_paper_hyperparameters(recipe, rank):
+    path = REPO / "recipes" / "configs" / f"llama3_8b_cr_r{rank}.yaml"
+    header = path.read_text().splitlines()[1]
+    assert header.strip() == f"#   accelerate launch --config_file accelerate_configs/fsdp2.yaml recipes/llama3_cr.py --config recipes/configs/llama3_8b_cr_r{rank}.yaml"
+    c = load_config(recipe.RecipeConfig, path)
+    a, t = c.adapter, c.train
+    assert (a.r, a.lora_alpha, a.lora_dropout, a.b0, a.t_warmup, a.t_final, a.delta_t) == (rank, 16, 0.05, 4, 5000, 5000, 1000)
+    assert a.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert (t.lr, t.lr_scheduler, t.batch_size, t.warmup_steps, t.epochs, t.max_steps) == (3e-4, "linear", 16, 100, 3, None)
+    assert c.data.cutoff_len == 256
+    assert c.model.path == "meta-llama/Meta-Llama-3-8B"
+
+
+def test_overrides_are_typed_and_nested(recipe):
+    path = REPO / "recipes" / "configs" / "llama3_8b_cr_r8.yaml"
+    c = load_config(
+        recipe.RecipeConfig,
+        path,
+        ["method=lora", "train.lr=1e-4", "adapter.r=32", "adapter.target_modules=[q_proj,v_proj]", "eval.limit=null", "data.max_samples=100"],
+    )
+    assert c.method == "lora" and c.output_dir == "outputs/llama3_8b_cr_r8-lora"
+    assert c.train.lr == 1e-4  # yaml reads "1e-4" as a string; the float field takes it
+    assert c.adapter.r == 32 and c.adapter.max_rank == 48
+    assert c.adapter.target_modules == ["q_proj", "v_proj"]
+    assert c.eval.limit is None and c.data.max_samples == 100
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown key(s) train.lrr"),
+        ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+        ("train.epochs=2.5", "train.epochs: expected an integer"),
+        ("method=qlora", "method must be one of flexlora, lora, adalora"),
+        ("adapter.r=0", "r must be an integer >= 1"),
+        ("eval.tasks=[boolq,nope]", "unknown commonsense task 'nope'"),
+        ("model.gradient_checkpointing=1", "model.gradient_checkpointing: expected true or false"),
+        ("train.lr.x=1", "train.lr"),
+        ("adapter.total_steps=1000", "leave it unset"),
+        ("train.batch_size=0", "train.batch_size must be >= 1"),
+    ],
+)
+def test_bad_values_name_the_key(recipe, override, message):
+    path = REPO / "recipes" / "configs" / "quickstart.yaml"
+    with pytest.raises(ConfigError) as error:
+        load_config(recipe.RecipeConfig, path, [override])
+    assert message in str(error.value)
+    assert "quickstart.yaml" in str(error.value)
+
+
+def test_cli_parsing():
+    assert parse_cli(["--config", "a.yaml", "x=1", "b.c=[1, 2]"]) == ("a.yaml", ["x=1", "b.c=[1, 2]"])
+    assert parse_cli(["x=1", "--config=a.yaml"]) == ("a.yaml", ["x=1"])
+    with pytest.raises(ConfigError, match="missing --config"):
+        parse_cli(["x=1"])
+    with pytest.raises(ConfigError, match="unexpected argument '--lr'"):
+        parse_cli(["--config", "a.yaml", "--lr", "1"])
+
+
+def test_missing_or_non_mapping_config_file(recipe, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(recipe.RecipeConfig, tmp_path / "nope.yaml")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(recipe.RecipeConfig, listed)

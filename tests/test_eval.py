@@ -1,0 +1,196 @@
+"""Scoring with lm-eval: answer extraction, the prompt lm-eval sends, exact match, saved adapters, the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval.commonsense import (
+    ANSWER_PATTERNS,
+    EvalConfig,
+    attach_adapter,
+    canonical_task,
+    evaluate,
+    format_table,
+    llm_adapters_task_config,
+    main,
+    plan_tasks,
+)
+from flexlora.data import evaluation_prompt, synthetic_rows
+
+from test_recipe_cr import build_tiny_model_dir
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama_eval"))
+
+
+def _extract(task: str, response: str) -> str:
+    """Run lm-eval's own regex filter exactly as our task config sets it up."""
+    import lm_eval.filters  # noqa: F401  (importing it registers the built-in filters)
+    from lm_eval.api.registry import get_filter
+
+    (step,) = llm_adapters_task_config(task, "unused.json")["filter_list"][0]["filter"]
+    kwargs = {k: v for k, v in step.items() if k != "function"}
+    return get_filter(step["function"])(**kwargs).apply([[response]], [{}])[0][0]
+
+
+@pytest.mark.parametrize(
+    "task, response, expected",
+    [
+        ("boolq", "the correct answer is true", "true"),
+        ("boolq", "false, although some say true", "false"),  # the first match wins
+        ("boolq", "The correct answer is True", ""),  # case-sensitive, as LLM-Adapters
+        ("boolq", "I am not sure", ""),
+        ("piqa", "the correct answer is solution2", "solution2"),
+        ("piqa", "solution3 or solution1", "solution1"),
+        ("social_i_qa", "the correct answer is answer3\n\n### Instruction:", "answer3"),
+        ("ARC-Challenge", "answer5", "answer5"),
+        ("ARC-Easy", "answer10", "answer1"),  # a plain alternation: answer10 starts with answer1, as in LLM-Adapters
+        ("openbookqa", "the correct answer is option2", ""),
+        ("hellaswag", "the correct answer is ending4", "ending4"),
+        ("hellaswag", "the correct answer is answer2", ""),
+        ("winogrande", "the correct answer is option1", "option1"),
+    ],
+)
+def test_answer_extraction_on_hand_written_outputs(task, response, expected):
+    assert _extract(task, response) == expected
+
+
+def test_task_names_and_aliases():
+    assert canonical_task("arc_challenge") == "ARC-Challenge"
+    assert canonical_task("SIQA") == "social_i_qa"
+    assert canonical_task("social_iqa") == "social_i_qa"
+    assert canonical_task("obqa") == "openbookqa"
+    with pytest.raises(ValueError, match="unknown commonsense task 'mmlu'"):
+        canonical_task("mmlu")
+
+
+def test_local_files_are_checked_row_by_row(tmp_path):
+    rows = synthetic_rows("synthetic_truefalse", 4, seed=0)
+    rows[2]["answer"] = "maybe"
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "dev.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=r"1 row\(s\) have answers that boolq's pattern 'true\|false' cannot extract: row 2: answer 'maybe'"):
+        plan_tasks(EvalConfig(tasks=["boolq"]), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no dev file for task piqa"):
+        plan_tasks(EvalConfig(tasks=["piqa"]), tmp_path)
+    with pytest.raises(ValueError, match="needs a data folder"):
+        plan_tasks(EvalConfig(tasks=["boolq"]), None)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared commonsense data not present")
+def test_hellaswag_uses_the_approx_dev_file():
+    (run,) = plan_tasks(EvalConfig(tasks=["hellaswag"]), SHARED)
+    assert run.source.endswith("hellaswag/dev.approx.json")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared commonsense data not present")
+def test_lm_eval_pipeline_prompt_generation_and_exact_match(tiny_model_dir):
+    """A model that always says 'false': lm-eval must send LLM-Adapters' prompt, generate greedily, and score
+    BoolQ as the share of 'false' answers among the items, and PIQA (no 'solutionN' in the output) as 0."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    (false_id,) = tokenizer("false", add_special_tokens=False).input_ids
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[false_id] = 10.0
+    model.lm_head = head
+    limit = 6
+    config = EvalConfig(tasks=["boolq", "piqa"], limit=limit, max_new_tokens=3, batch_size=4)
+    results = evaluate(model, tokenizer, config, SHARED)["llm-adapters"]
+
+    answers = [r["answer"] for r in json.loads((SHARED / "boolq" / "dev.json").read_text())[:limit]]
+    assert results["boolq"]["n"] == limit and results["piqa"]["n"] == limit
+    assert results["boolq"]["accuracy"] == pytest.approx(answers.count("false") / limit)
+    assert results["piqa"]["accuracy"] == 0.0
+
+    # What lm-eval actually sent and got back, item by item.
+    spec = llm_adapters_task_config("boolq", SHARED / "boolq" / "dev.json", max_new_tokens=3)
+    out = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=[spec], limit=2,
+        task_manager=TaskManager(include_defaults=False), log_samples=True, bootstrap_iters=0,
+    )
+    for sample in out["samples"][spec["task"]]:
+        doc = sample["doc"]
+        assert sample["arguments"][0][0] == evaluation_prompt(doc["instruction"], doc["input"])
+        assert sample["resps"][0][0] == "falsefalsefalse"
+        assert sample["filtered_resps"] == [["false"]]  # one response per repeat
+        assert sample["exact_match"] == float(doc["answer"] == "false")
+
+
+def _trained_flexlora(model_dir: Path):
+    """A FlexLoRA adapter with non-zero lambda, so that it changes the model's outputs."""
+    import flexlora
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = flexlora.FlexLoRAConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, lora_alpha=4, total_steps=10)
+    adapters = flexlora.inject(model, config)
+    with torch.no_grad():
+        for layer in adapters.layers.values():
+            layer.lora_lambda.normal_(0, 5.0)
+    return model, adapters
+
+
+def test_saved_adapters_are_scored_through_the_cli(tiny_model_dir, tmp_path):
+    import flexlora
+    from transformers import AutoModelForCausalLM
+
+    model, adapters = _trained_flexlora(tiny_model_dir)
+    flexlora.save_adapters(adapters, tmp_path / "native")
+    flexlora.export_peft(adapters, tmp_path / "peft", task_type="CAUSAL_LM")
+
+    ids = torch.tensor([[3, 50, 60, 70, 80]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+        assert not torch.allclose(expected, base, atol=1e-4)
+        for folder, label in (("native", "FlexLoRA r=2"), ("peft", "LoRA r=2")):
+            loaded, method, params = attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / folder)
+            assert method == label and params > 0
+            torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+    data = tmp_path / "data"
+    for task in ("synthetic_truefalse", "synthetic_choice"):
+        (data / task).mkdir(parents=True)
+        (data / task / "dev.json").write_text(json.dumps(synthetic_rows(task, 3, seed=1)))
+    reports = {}
+    for folder in ("native", "peft"):
+        report = tmp_path / f"{folder}.json"
+        main(["--base", str(tiny_model_dir), "--adapter", str(tmp_path / folder), "--data-dir", str(data), "--tasks",
+              "synthetic_truefalse", "synthetic_choice", "--limit", "2", "--max-new-tokens", "3", "--output", str(report)])
+        reports[folder] = json.loads(report.read_text())
+    for folder, report in reports.items():
+        results = report["results"]["llm-adapters"]
+        assert set(results) == {"synthetic_truefalse", "synthetic_choice"}
+        assert all(r["n"] == 2 for r in results.values())
+        assert "| Synth-TF | Synth-MC | Avg. |" in report["table"]
+    native = {t: r["accuracy"] for t, r in reports["native"]["results"]["llm-adapters"].items()}
+    assert native == {t: r["accuracy"] for t, r in reports["peft"]["results"]["llm-adapters"].items()}
+    with pytest.raises(FileNotFoundError, match="neither a FlexLoRA adapter"):
+        attach_adapter(model, tmp_path / "data")
+
+
+def test_table_has_the_paper_layout():
+    results = {
+        "llm-adapters": {t: {"accuracy": 0.5 + i / 100, "n": 20} for i, t in enumerate(ANSWER_PATTERNS) if not t.startswith("synthetic")},
+        "lm-eval": {"boolq": {"accuracy": 0.75, "n": 20}},
+    }
+    table = format_table(results, "Llama-3-8B", "FlexLoRA r=8", 21_200_000).splitlines()
+    assert table[0] == "| Model | Method | Param. | BoolQ | PIQA | SIQA | HellaS. | WinoG. | ARC-e | ARC-c | OBQA | Avg. |"
+    assert table[2] == "| Llama-3-8B | FlexLoRA r=8 [llm-adapters, n=20] | 21.2M | 50.0 | 51.0 | 52.0 | 56.0 | 57.0 | 54.0 | 53.0 | 55.0 | 53.5 |"
+    assert table[3] == "| Llama-3-8B | FlexLoRA r=8 [lm-eval, n=20] | 21.2M | 75.0 | - | - | - | - | - | - | - | 75.0 |"

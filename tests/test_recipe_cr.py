@@ -1,0 +1,291 @@
+"""The commonsense recipe end to end on a tiny random Llama with a tokenizer built offline."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "llama3_cr.py"
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def build_tiny_model_dir(directory: Path) -> Path:
+    """A 2-layer Llama and a byte-level BPE tokenizer trained on template-like text, saved like a hub model.
+
+    Like Llama-3's tokenizer it adds a BOS token and has no pad token.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from flexlora.data import synthetic_rows, training_prompt
+
+    corpus = [training_prompt(r) for task in ("synthetic_truefalse", "synthetic_choice") for r in synthetic_rows(task, 50, 0)]
+    corpus += ["Please choose the correct solution ending option answer true false question sentence"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(corpus, trainer)
+    bos = backend.token_to_id("<|begin_of_text|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def _load_recipe():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("llama3_cr_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return _load_recipe()
+
+
+def tiny_overrides(model_dir: Path, output_dir: Path, **extra) -> list[str]:
+    """quickstart.yaml scaled down to the tiny model: 6 steps, ranks moving at steps 2-5, 2 eval items."""
+    values = {
+        "model.path": str(model_dir),
+        "model.gguf_file": "null",
+        "data.path": "synthetic",
+        "data.synthetic_train_per_task": 24,
+        "data.synthetic_dev_per_task": 4,
+        "train.max_steps": 6,
+        "train.batch_size": 4,
+        "train.micro_batch_size": 2,
+        "train.warmup_steps": 2,
+        "train.log_every": 1,
+        "adapter.r": 4,
+        "adapter.t_warmup": 2,
+        "adapter.t_final": 1,
+        "adapter.delta_t": 1,
+        "checkpoint.every_n_steps": 3,
+        "checkpoint.keep_last": 5,
+        "eval.tasks": "[synthetic_truefalse,synthetic_choice]",
+        "eval.limit": 2,
+        "eval.max_new_tokens": 3,
+        "output_dir": str(output_dir),
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items() if v is not None]  # None: keep quickstart.yaml's value
+
+
+def run_recipe(recipe, model_dir: Path, output_dir: Path, **extra) -> Path:
+    recipe.main(["--config", str(REPO / "recipes" / "configs" / "quickstart.yaml"), *tiny_overrides(model_dir, output_dir, **extra)])
+    return output_dir
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_flexlora_run_writes_every_output_and_resumes_exactly(recipe, tiny_model_dir, tmp_path):
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    # As the quickstart without ../shared/data: a missing data folder falls back to the generated data set,
+    # and scoring to its dev files.
+    out = run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"data.path": str(tmp_path / "no_data"), "eval.tasks": None})
+    for name in ("config.yaml", "adapter/flexlora_adapter.safetensors", "adapter/rank_state.json", "peft/adapter_config.json",
+                 "peft/adapter_model.safetensors", "rank_pattern.json", "allocation.jsonl", "rank_heatmap.png", "metrics.json",
+                 "eval.json", "train_log.jsonl"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    assert (out / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / "metrics.json").read_text())
+    log = _read_jsonl(out / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "lr", "grad_norm", "orth_penalty", "active_rank_total"} <= set(log[0])
+    history = _read_jsonl(out / "allocation.jsonl")
+    assert history and {r["step"] for r in history} <= {2, 3, 4, 5}
+    ranks = json.loads((out / "rank_pattern.json").read_text())
+    assert len(ranks) == 10 and sum(ranks.values()) == 10 * 4 and len(set(ranks.values())) > 1  # ranks moved, total kept
+    assert metrics["total_active_rank"] == 40 and metrics["rank_changes"] == len(history)
+    assert set(metrics["eval"]["llm-adapters"]) == {"synthetic_truefalse", "synthetic_choice"}
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out / "peft"))
+    assert peft_model.peft_config["default"].rank_pattern
+
+    # Simulate a run killed after step 3: keep only that checkpoint, drop everything written after it.
+    first_log, first_history = log, history
+    first_adapter = load_file(out / "adapter" / "flexlora_adapter.safetensors")
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000003", "step_00000006"]
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    for name in ("adapter", "peft"):
+        shutil.rmtree(out / name)
+    for name in ("allocation.jsonl", "rank_pattern.json", "metrics.json"):
+        (out / name).unlink()
+
+    run_recipe(recipe, tiny_model_dir, out, **{"data.path": str(tmp_path / "no_data"), "eval.enabled": "false"})
+    resumed_log = _read_jsonl(out / "train_log.jsonl")
+    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4, 5, 6]
+    for before, after in zip(first_log, resumed_log):
+        for key in ("loss", "grad_norm", "lr", "orth_penalty", "active_rank_total"):
+            assert after[key] == pytest.approx(before[key], rel=1e-6, abs=1e-7), (after["step"], key)
+    assert _read_jsonl(out / "allocation.jsonl") == first_history
+    resumed_adapter = load_file(out / "adapter" / "flexlora_adapter.safetensors")
+    for key, tensor in first_adapter.items():
+        if key.endswith("rank_mask"):
+            assert torch.equal(resumed_adapter[key], tensor), key
+        else:
+            torch.testing.assert_close(resumed_adapter[key], tensor, rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+
+
+def test_lora_and_adalora_run_through_peft(recipe, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    outputs = {}
+    for method in ("lora", "adalora"):
+        out = run_recipe(recipe, tiny_model_dir, tmp_path / method, method=method, **{"train.max_steps": 8, "adapter.t_final": 2,
+                                                                                     "eval.enabled": "false"})
+        for name in ("peft/adapter_config.json", "rank_pattern.json", "allocation.jsonl", "rank_heatmap.png", "metrics.json"):
+            assert (out / name).is_file(), (method, name)
+        assert not (out / "adapter").exists()  # the PEFT adapter is the method's own format
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out / "peft"))
+        outputs[method] = out
+    lora = json.loads((outputs["lora"] / "metrics.json").read_text())
+    assert lora["total_active_rank"] == 40 and lora["rank_changes"] == 0
+    adalora = json.loads((outputs["adalora"] / "metrics.json").read_text())
+    saved = json.loads((outputs["adalora"] / "peft" / "adapter_config.json").read_text())
+    assert (saved["init_r"], saved["target_r"], saved["total_step"], saved["tinit"], saved["tfinal"], saved["deltaT"]) == (6, 4, 8, 2, 2, 1)
+    # update_and_allocate ran: PEFT pruned from init_r = 6 per matrix to the target budget of 4 per matrix
+    assert adalora["total_active_rank"] == 40 and adalora["rank_changes"] > 0
+    assert sum(sum(mask) for mask in saved["rank_pattern"].values()) == 40
+    history = _read_jsonl(outputs["adalora"] / "allocation.jsonl")
+    assert all(r["action"] == "prune" and 2 < r["step"] <= 6 for r in history)
+
+
+def test_budget_rule_matches_parameter_counts(tiny_model_dir):
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from flexlora import FlexLoRAConfig
+    from flexlora.training import build_method
+
+    config = FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8, t_warmup=1, t_final=1, delta_t=1)
+    counts = {m: build_method(m, AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, 10, 1).parameter_count()
+              for m in ("flexlora", "lora", "adalora")}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    shapes = [(m.in_features, m.out_features) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
+    capacity = math.ceil(1.5 * 4)
+    assert counts["lora"] == sum(4 * (i + o) for i, o in shapes)
+    assert counts["flexlora"] == counts["adalora"] == sum(capacity * (i + o + 1) for i, o in shapes)
+
+
+def test_bad_training_row_stops_the_recipe_with_its_index(recipe, tiny_model_dir, tmp_path):
+    from flexlora.data import synthetic_rows
+
+    rows = synthetic_rows("synthetic_truefalse", 5, seed=0)
+    rows[3]["output"] = ""
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=r"train.json: 1 malformed row\(s\) of 5:\n  row 3: empty output"):
+        run_recipe(recipe, tiny_model_dir, tmp_path / "out", **{"data.path": str(path)})
+
+
+def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, tmp_path):
+    """Two gloo processes under FSDP2 (build_accelerator's CPU patch) train the same run as one process with
+    gradient accumulation: same losses, same rank decisions (dropout off so both draw no random masks)."""
+    import os
+    import subprocess
+    import sys
+
+    same = {"adapter.lora_dropout": 0.0, "eval.enabled": "false"}
+    single = run_recipe(recipe, tiny_model_dir, tmp_path / "single", **same)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("MASTER_PORT", None)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_fsdp2.yaml"),
+               "--main_process_port", "0", str(RECIPE), "--config", str(REPO / "recipes" / "configs" / "quickstart.yaml"),
+               *tiny_overrides(tiny_model_dir, tmp_path / "fsdp2", **same)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "2 process(es), distributed type FSDP" in output
+    sharded = re.search(r"(\d+) of (\d+) parameter tensors are sharded", output)
+    assert sharded and int(sharded.group(1)) == int(sharded.group(2)) > 0  # FSDP2 really shards, adapters included
+    fsdp = tmp_path / "fsdp2"
+    for one, two in zip(_read_jsonl(single / "train_log.jsonl"), _read_jsonl(fsdp / "train_log.jsonl"), strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4), two["step"]
+    assert _read_jsonl(fsdp / "allocation.jsonl") == _read_jsonl(single / "allocation.jsonl")
+    assert json.loads((fsdp / "rank_pattern.json").read_text()) == json.loads((single / "rank_pattern.json").read_text())
+    assert (fsdp / "peft" / "adapter_model.safetensors").is_file() and (fsdp / "checkpoints" / "step_00000006").is_dir()
+
+
+def test_model_loading_choices(tiny_model_dir):
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from flexlora.training import ensure_pad_token, resolve_attn_implementation, resolve_dtype, resolve_model_location
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32  # no bf16 on CPU: its backward is 15-55x slower there
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_attn_implementation("auto", cpu) == "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ImportError, match="flash_attn is not installed"):
+            resolve_attn_implementation("flash_attention_2", cpu)
+    with pytest.raises(FileNotFoundError, match="package 'no_such_weights_pkg' is not installed"):
+        resolve_model_location("package:no_such_weights_pkg")
+    assert resolve_model_location("package:flexlora") == str(REPO / "flexlora")
+
+    # Llama-3.1 style: a dedicated padding token exists and is preferred to EOS.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|finetune_right_pad_id|>"]})
+    ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token == "<|finetune_right_pad_id|>"
+    plain = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ensure_pad_token(plain)
+    assert plain.pad_token_id == plain.eos_token_id
+
+
+def test_rank_timeline_replays_the_allocation_history():
+    from flexlora.training import rank_timeline, short_module_name
+
+    history = [
+        {"step": 3, "module": "model.layers.0.self_attn.q_proj", "rank_after": 1},
+        {"step": 3, "module": "model.layers.1.mlp.down_proj", "rank_after": 3},
+        {"step": 7, "module": "model.layers.0.self_attn.q_proj", "rank_after": 0},
+    ]
+    initial = {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.mlp.down_proj": 2}
+    names, edges, ranks = rank_timeline(initial, history, total_steps=10)
+    assert names == list(initial) and edges == [0, 3, 7, 10]
+    assert ranks == [[2, 1, 0], [2, 3, 3]]
+    assert [short_module_name(n) for n in names] == ["L0.Q", "L1.Down"]
+    with pytest.raises(ValueError, match="names module 'x'"):
+        rank_timeline(initial, [{"step": 1, "module": "x", "rank_after": 1}], 10)
