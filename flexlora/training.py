@@ -553,11 +553,14 @@ class PeftMethod(AdapterMethod):
         return list(self._rows)
 
     def _trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Full (unsharded) trainable tensors, keyed like ``PeftModel.state_dict()``; collective under FSDP."""
+        """Full (unsharded) adapter tensors and trained heads (PEFT's ``modules_to_save`` copies), keyed like
+        ``PeftModel.state_dict()``; collective under FSDP. Persistent buffers, which the state dict also holds,
+        are left out."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        return {k: v for k, v in get_model_state_dict(model, options=options).items() if ".lora_" in k}
+        state = get_model_state_dict(model, options=options)
+        return {k: v for k, v in state.items() if ".lora_" in k or ".modules_to_save." in k}
 
     def save_checkpoint(self, directory, model, is_main):
         from safetensors.torch import save_file
