@@ -289,3 +289,26 @@ def test_rank_timeline_replays_the_allocation_history():
     assert [short_module_name(n) for n in names] == ["L0.Q", "L1.Down"]
     with pytest.raises(ValueError, match="names module 'x'"):
         rank_timeline(initial, [{"step": 1, "module": "x", "rank_after": 1}], 10)
+
+
+def test_peft_checkpoint_round_trip_keeps_trained_heads(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from flexlora import FlexLoRAConfig
+    from flexlora.training import build_method
+
+    config = FlexLoRAConfig(target_modules=["q_proj"], r=2, modules_to_save=["lm_head"])
+    method = build_method("lora", AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, 10, 1)
+    trained = {n: p for n, p in method.model.named_parameters() if p.requires_grad}
+    assert any(".modules_to_save." in n for n in trained) and any(".lora_B." in n for n in trained)
+    with torch.no_grad():
+        for p in trained.values():
+            p.normal_()
+    saved = {n: p.detach().clone() for n, p in trained.items()}
+    method.save_checkpoint(tmp_path, method.model, is_main=True)
+    with torch.no_grad():
+        for p in trained.values():
+            p.zero_()
+    method.load_checkpoint(tmp_path, method.model)
+    for name, param in trained.items():
+        assert torch.equal(param, saved[name]), name
