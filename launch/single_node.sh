@@ -2,7 +2,7 @@
 # Launch a FlexLoRA training script on all GPUs of this machine through `accelerate launch`.
 #
 #   launch/single_node.sh SCRIPT [SCRIPT ARGS...]
-#   ENGINE=zero3 NUM_GPUS=4 launch/single_node.sh recipes/llama3_cr.py --config recipes/configs/llama3_8b.yaml
+#   ENGINE=fsdp2 NUM_GPUS=4 launch/single_node.sh recipes/llama3_cr.py --config recipes/configs/llama3_8b_cr_r8.yaml
 #
 # ENGINE   name of a config in accelerate_configs/ without .yaml: fsdp2 (default), deepspeed_zero2,
 #          deepspeed_zero3, ddp, single_gpu; on a CPU-only machine cpu_ddp / cpu_fsdp2 / cpu_zero2 / cpu_zero3.
