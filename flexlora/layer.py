@@ -31,24 +31,37 @@ def orthogonality_penalty(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) 
     return ((pm.T @ pm - eye) ** 2).sum() + ((qm @ qm.T - eye) ** 2).sum()
 
 
-class _AddPenaltyGradient(torch.autograd.Function):
-    """Pass ``output`` through unchanged; in backward, also send ``weight`` into ``penalty``'s graph.
+class _OrthogonalityRegulariser(torch.autograd.Function):
+    """Pass ``output`` through unchanged and return eq. 2's value; in backward, add ``weight`` x its gradient to P and Q.
 
-    This is the same as adding ``weight * penalty`` to the loss, but the penalty is built inside the layer's
-    forward, where FSDP / ZeRO-3 have the full P and Q in memory, and its backward runs exactly when the
-    layer's own backward does (so sharded parameters are materialised, and activation checkpointing works).
+    The same as adding ``weight * orthogonality_penalty(P, Q, mask)`` to the loss, but (1) built inside the layer's
+    forward, where FSDP / ZeRO-3 have the full P and Q in memory, with its backward running exactly when the
+    layer's own backward does (so sharded parameters are materialised, and activation checkpointing works), and
+    (2) with the gradient written out, 4 P G_P and 4 G_Q Q for the Gram residuals G, instead of an autograd graph
+    of ~15 small ops per layer: that graph cost ~7 % of a SmolLM2 train step on a CPU (bench/results/overhead.md).
     """
 
     @staticmethod
-    def forward(ctx, output, penalty, weight):
+    def forward(ctx, output, p, q, mask, weight):
+        m = mask.to(p.dtype)
+        active_pairs = torch.outer(m, m)
+        eye = torch.diag(m)
+        # Masking P's columns (Q's rows) first would give the same Gram matrices: (P m)^T (P m) = (P^T P) * m m^T.
+        gram_p = (p.T @ p) * active_pairs - eye
+        gram_q = (q @ q.T) * active_pairs - eye
+        ctx.save_for_backward(p, q, gram_p, gram_q)
         ctx.weight = weight
-        ctx.penalty_meta = (penalty.dtype, penalty.device)
-        return output.view_as(output)
+        penalty = gram_p.pow(2).sum() + gram_q.pow(2).sum()
+        ctx.mark_non_differentiable(penalty)
+        return output.view_as(output), penalty
 
     @staticmethod
-    def backward(ctx, grad_output):
-        dtype, device = ctx.penalty_meta
-        return grad_output, torch.full((), ctx.weight, dtype=dtype, device=device), None
+    def backward(ctx, grad_output, _grad_penalty):
+        p, q, gram_p, gram_q = ctx.saved_tensors
+        # gram_* are zero in the rows and columns of inactive slots, so those slots get no gradient, as with a mask.
+        grad_p = (p @ gram_p) * (4 * ctx.weight) if ctx.needs_input_grad[1] else None
+        grad_q = (gram_q @ q) * (4 * ctx.weight) if ctx.needs_input_grad[2] else None
+        return grad_output, grad_p, grad_q, None, None
 
 
 class FlexLoRALayer(nn.Module):
@@ -113,9 +126,10 @@ class FlexLoRALayer(nn.Module):
         h = self.dropout(x.to(self.lora_Q.dtype))
         delta = F.linear(F.linear(h, self.lora_Q) * gains, self.lora_P)
         if self.training and self.orth_reg_weight > 0 and torch.is_grad_enabled():
-            penalty = self.orth_penalty()
+            delta, penalty = _OrthogonalityRegulariser.apply(
+                delta, self.lora_P, self.lora_Q, self.rank_mask, self.orth_reg_weight * self.penalty_grad_scale
+            )
             self.last_orth_penalty = penalty.detach()
-            delta = _AddPenaltyGradient.apply(delta, penalty, self.orth_reg_weight * self.penalty_grad_scale)
         return result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:

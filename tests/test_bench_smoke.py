@@ -3,6 +3,7 @@
 Timings are never asserted: they depend on the machine. Only the structure and sanity of the output are.
 """
 
+import json
 import math
 import os
 import re
@@ -11,15 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import build_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["flexlora", "flexlora_cap8", "flexlora_no_orth", "lora_r8", "lora_r12", "adalora"]
 
 
-def run_bench(module: str, out: Path) -> str:
+def run_bench(module: str, out: Path, *extra: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
-        [sys.executable, "-m", module, "--smoke", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", module, "--smoke", "--out", str(out), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
@@ -109,3 +112,55 @@ def test_scaling_report(scaling):
         assert int(row["lambda gather B"]) >= int(row["N x R x 4 B"])  # one float32 per slot; padding only adds
         assert int(row["per allocation B"]) == int(row["lambda gather B"]) + 16
     assert (scaling / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- bench/quality.py: the sweep on MiniLM + a tiny random Llama, a few steps per run --------------------
+QUALITY_METHODS = ["FlexLoRA", "LoRA", "AdaLoRA"]
+
+
+@pytest.fixture(scope="module")
+def quality(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    model = build_tiny_model_dir(out / "tiny_llama")
+    args = ["--work-dir", str(out / "work"), "--set-cr", f"model.path={model}", "--set-cr", "model.gguf_file=null"]
+    first = run_bench("bench.quality", out, *args)
+    report = (out / "quality_smoke.md").read_text()
+    again = run_bench("bench.quality", out, *args)
+    return report, first, again, out
+
+
+def test_quality_report_has_every_table_at_equal_budget(quality):
+    report, _, _, out = quality
+    check_well_formed(report)
+    assert "`python -m bench.quality --smoke" in report
+    methods = table_with(report, "method", "STS-B pearson")
+    assert [row["method"] for row in methods] == QUALITY_METHODS
+    ranks = {row["method"]: number(row["final active rank"]) for row in methods}
+    assert len(set(ranks.values())) == 1, ranks  # same budget: same total active rank at the end
+    params = {row["method"]: int(row["adapter params"].replace(",", "")) for row in methods}
+    assert params["FlexLoRA"] == params["AdaLoRA"] > params["LoRA"]  # capacity 12 (+ lambda) vs rank 8
+    assert all(-100 <= number(row["STS-B pearson"]) <= 100 for row in methods)
+
+    assert [row["importance"] for row in table_with(report, "importance", "final active rank")] == [
+        "entropy", "nuclear", "frobenius", "sensitivity", "elem", "mat"]
+    assert [row["init"] for row in table_with(report, "init", "final active rank")] == ["zero_impact", "small", "zero", "orthogonal"]
+    mode = {row["mode"]: number(row["final active rank"]) for row in table_with(report, "mode", "final active rank")}
+    assert mode["prune_only"] < mode["flex"] < mode["expand_only"]  # only flex keeps the budget
+
+    commonsense = table_with(report, "method", "BoolQ")
+    assert [row["method"] for row in commonsense] == QUALITY_METHODS
+    assert all(0 <= number(row[c]) <= 100 for row in commonsense for c in ("BoolQ", "OBQA", "avg"))
+    verdicts = table_with(report, "task", "FlexLoRA vs LoRA")
+    assert [row["task"] for row in verdicts] == ["STS-B pearson", "commonsense avg"]
+    assert all(re.match(r"(\*\*better\*\*|\*\*worse\*\*|within noise) \(", row["FlexLoRA vs LoRA"]) for row in verdicts)
+
+    results = json.loads((out / "quality_smoke.json").read_text())["runs"]
+    assert all(run["status"] == "ok" for run in results), [r for r in results if r["status"] != "ok"]
+    assert len(results) == 3 + 5 + 2 + 3 + 3  # methods, other metrics, other modes, other inits, commonsense
+
+
+def test_quality_sweep_resumes_instead_of_rerunning(quality):
+    report, first, again, _ = quality
+    planned = len(table_with(report, "run", "status"))
+    assert f"{planned} runs: 0 already finished, {planned} to run" in first
+    assert f"{planned} runs: {planned} already finished, 0 to run" in again

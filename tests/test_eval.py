@@ -21,7 +21,7 @@ from eval.commonsense import (
 )
 from flexlora.data import evaluation_prompt, synthetic_rows
 
-from test_recipe_cr import build_tiny_model_dir
+from tiny_models import build_tiny_model_dir
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 

@@ -8,46 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import build_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "llama3_cr.py"
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-
-
-def build_tiny_model_dir(directory: Path) -> Path:
-    """A 2-layer Llama and a byte-level BPE tokenizer trained on template-like text, saved like a hub model.
-
-    Like Llama-3's tokenizer it adds a BOS token and has no pad token.
-    """
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from flexlora.data import synthetic_rows, training_prompt
-
-    corpus = [training_prompt(r) for task in ("synthetic_truefalse", "synthetic_choice") for r in synthetic_rows(task, 50, 0)]
-    corpus += ["Please choose the correct solution ending option answer true false question sentence"]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(corpus, trainer)
-    bos = backend.token_to_id("<|begin_of_text|>")
-    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")
