@@ -13,7 +13,6 @@ import argparse
 import copy
 import importlib.util
 import math
-from pathlib import Path
 
 import torch
 from peft import AdaLoraConfig, LoraConfig, get_peft_model

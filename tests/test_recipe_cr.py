@@ -228,6 +228,9 @@ def test_model_loading_choices(tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="package 'no_such_weights_pkg' is not installed"):
         resolve_model_location("package:no_such_weights_pkg")
     assert resolve_model_location("package:flexlora") == str(REPO / "flexlora")
+    assert resolve_model_location("package:flexlora/layer.py") == str(REPO / "flexlora" / "layer.py")
+    with pytest.raises(FileNotFoundError, match="flexlora/no_such_folder does not exist"):
+        resolve_model_location("package:flexlora/no_such_folder")
 
     # Llama-3.1 style: a dedicated padding token exists and is preferred to EOS.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

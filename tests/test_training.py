@@ -85,3 +85,21 @@ def test_trainer_runs_the_allocator_out_of_the_box(tmp_path):
     saved = tmp_path / "checkpoint-30" / "flexlora"
     reloaded, state = flexlora.load_adapters(make_tiny_llama(), saved)
     assert reloaded.active_ranks() == adapters.active_ranks() and len(state["history"]) == len(allocator.history)
+
+
+def test_heatmap_labels_name_the_matrices_of_llama_bert_deberta_and_vit():
+    from flexlora.training import short_module_name
+
+    names = {
+        "model.layers.3.self_attn.q_proj": "L3.Q",
+        "model.layers.3.mlp.down_proj": "L3.Down",
+        "bert.encoder.layer.2.attention.self.key": "L2.K",
+        "bert.encoder.layer.2.attention.output.dense": "L2.A",
+        "bert.encoder.layer.2.intermediate.dense": "L2.I",
+        "bert.encoder.layer.2.output.dense": "L2.O",
+        "deberta.encoder.layer.11.attention.self.value_proj": "L11.V",
+        "vit.encoder.layer.0.attention.o_proj": "L0.A",
+        "vit.encoder.layer.0.mlp.fc2": "L0.O",
+        "classifier.dense": "dense",
+    }
+    assert {name: short_module_name(name) for name in names} == names
