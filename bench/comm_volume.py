@@ -21,9 +21,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from flexlora.distributed import lambda_gather_payload
+from flexlora.distributed import CollectiveRecorder, lambda_gather_payload
 
 DECISION_CHECK_BYTES = 16  # two int64: the all-reduce comparing decision digests
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -86,20 +85,6 @@ def print_computed() -> None:
             f"{row['collectives']} | {row['sent']:,} | {row['received']:,} | {row['p_q_fp32'] / 2**20:,.1f} MiB |"
         )
     print()
-
-
-class CollectiveRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        if "c10d" in name:
-            sent = args[1] if ("allgather" in name or "all_gather" in name) else args[0]
-            tensors = sent if isinstance(sent, (list, tuple)) else [sent]
-            self.calls.append((name, sum(t.numel() * t.element_size() for t in tensors)))
-        return func(*args, **(kwargs or {}))
 
 
 def measure() -> None:

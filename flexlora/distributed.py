@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -322,3 +323,21 @@ def assert_same_decision(decision: list[tuple], device: torch.device) -> None:
             f"rank {dist.get_rank()}: allocation decision differs across processes ({decision}); "
             "the gathered lambdas or the configs are not identical on every rank"
         )
+
+
+class CollectiveRecorder(TorchDispatchMode):
+    """Records every collective dispatched inside the ``with`` block (c10d and functional) as (op name, bytes this
+    process sends): how the tests and bench/comm_volume.py check that an allocation moves only lambda."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if "c10d" in name:
+            # all-gather ops take (output, input, ...): what this process sends is its input
+            sent = args[1] if ("allgather" in name or "all_gather" in name) else args[0]
+            tensors = sent if isinstance(sent, (list, tuple)) else [sent]
+            self.calls.append((name, sum(t.numel() * t.element_size() for t in tensors)))
+        return func(*args, **(kwargs or {}))

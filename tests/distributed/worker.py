@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import flexlora
@@ -108,25 +107,6 @@ def eval_batch() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(99))
 
 
-class CollectiveRecorder(TorchDispatchMode):
-    """Records every collective dispatched (c10d and functional) with the bytes this process contributes."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        if "c10d" in name:
-            if "allgather" in name or "all_gather" in name:
-                sent = args[1]  # (output, input, ...): what this process sends is its input
-            else:
-                sent = args[0]
-            tensors = sent if isinstance(sent, (list, tuple)) else [sent]
-            self.calls.append((name, sum(t.numel() * t.element_size() for t in tensors)))
-        return func(*args, **(kwargs or {}))
-
-
 def train(accelerator, engine: str, name: str, config: flexlora.FlexLoRAConfig, out: Path, first_step=0, load_from=None):
     """Train steps first_step + 1 .. TOTAL_STEPS and write the results of scenario ``name``."""
     model = tiny_llama()
@@ -167,7 +147,7 @@ def train(accelerator, engine: str, name: str, config: flexlora.FlexLoRAConfig, 
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)  # a no-op call under DeepSpeed
         optimizer.step()
-        with CollectiveRecorder() as recorder:
+        with fl_dist.CollectiveRecorder() as recorder:
             changes = allocator.step(step, optimizer)
         if changes:
             comm[step] = {"calls": recorder.calls, "counted": allocator.collectives_last_step}
