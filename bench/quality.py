@@ -377,8 +377,8 @@ def report(profile_name: str, profile: Profile, command: str, runs: list[Run], r
         f"# Quality at equal budget: FlexLoRA vs PEFT LoRA / AdaLoRA (`--{profile_name}`)",
         f"Profile: {profile.note}. Seeds {list(profile.seeds)} for the methods table, {list(profile.ablation_seeds)} for "
         f"the ablations, {list(profile.cr_seeds)} for commonsense; every cell is mean ± sample std over seeds, x 100. "
-        "Same budget: r = 8 on every target matrix for all methods (LoRA rank 8; FlexLoRA capacity 12 with 8 active; "
-        "AdaLoRA init_r 12 -> target_r 8), same steps, lr, schedule and data.",
+        "Same budget: the config's r on every target matrix for all methods (LoRA rank r; FlexLoRA capacity ceil(1.5 r) "
+        "with r active; AdaLoRA init_r ceil(1.5 r) -> target_r r), same steps, lr, schedule and data.",
         provenance(command, "cpu", wall_s, loads),
         f"Runs: {len(runs)} planned, {len(ok)} finished; sum of run wall times {sum(r['seconds'] for r in ok):,.0f} s "
         f"(wall time above is this invocation's; a resumed sweep reuses earlier runs).",

@@ -164,3 +164,25 @@ def test_quality_sweep_resumes_instead_of_rerunning(quality):
     planned = len(table_with(report, "run", "status"))
     assert f"{planned} runs: 0 already finished, {planned} to run" in first
     assert f"{planned} runs: {planned} already finished, 0 to run" in again
+
+
+def test_quality_verdicts_and_cells_by_hand():
+    sys.path.insert(0, str(ROOT))
+    from bench.quality import PROFILES, cell, plan, verdict
+
+    assert cell([]) == "-"
+    assert cell([0.5]) == "50.0"
+    assert cell([0.5, 0.7]) == "60.0 ± 14.1"  # sample std of 50 and 70
+    assert verdict([0.80, 0.82], [0.70, 0.72]).startswith("**better** (+10.0, std 1.4)")
+    assert verdict([0.70, 0.72], [0.80, 0.82]).startswith("**worse** (-10.0")
+    assert verdict([0.70, 0.80], [0.74, 0.76]).startswith("within noise (+0.0")
+    assert verdict([0.6], [0.5]) == "**better** (+10.0, one seed)"
+    assert verdict([], [0.5]) == "not measured"
+
+    runs, tables = plan(PROFILES["cpu"], ROOT / "unused", [], [], {"methods", "importance", "mode", "init", "commonsense"})
+    ids = [run.id for run in runs]
+    assert len(ids) == len(set(ids)) == 4 * 3 * 3 + 10 * 2 + 3  # ablation defaults reuse the methods-table runs
+    default = "glue-stsb-flexlora-entropy-flex-zero_impact-s0"
+    assert default in tables["methods"][("stsb", "flexlora")] and default in tables["importance"][("stsb", "entropy")]
+    sensitivity = next(run for run in runs if run.id == "glue-stsb-flexlora-sensitivity-flex-zero_impact-s1")
+    assert {"adapter.importance=sensitivity", "train.seed=1", "adapter.seed=1", "method=flexlora"} <= set(sensitivity.argv)
