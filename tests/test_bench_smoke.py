@@ -92,7 +92,8 @@ def test_overhead_report(overhead):
     assert {row["d_in -> d_out"] for row in layer} == {"32 -> 32", "32 -> 16", "32 -> 64", "64 -> 32"}
     targets = table_with(overhead, "target", "verdict")
     assert len(targets) == 6
-    assert all(row["verdict"] in ("met", "**missed**", "-") for row in targets)
+    # (a noisy ratio adds "(bound inside the 25-75 % range: not resolved)")
+    assert all(row["verdict"].split(" (")[0] in ("met", "**missed**", "-") for row in targets), targets
 
 
 def test_scaling_report(scaling):
