@@ -28,6 +28,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import load_averages, markdown_table, provenance
+from flexlora.training import short_module_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"glue": ROOT / "recipes" / "deberta_glue.py", "cr": ROOT / "recipes" / "llama3_cr.py"}
@@ -138,6 +140,10 @@ class Run:
     seed: int = 0
 
 
+def output_dir(run: "Run") -> Path:
+    return Path(dict(arg.split("=", 1) for arg in run.argv if "=" in arg)["output_dir"])
+
+
 def _argv(config: str, overrides: dict) -> tuple[str, ...]:
     return ("--config", config, *(f"{key}={value}" for key, value in overrides.items()))
 
@@ -209,7 +215,7 @@ def execute(run: Run, threads: int) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
-    out = Path(dict(arg.split("=", 1) for arg in run.argv if "=" in arg)["output_dir"])
+    out = output_dir(run)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     saved = os.dup(1), os.dup(2)
@@ -239,8 +245,7 @@ def _execute_star(args) -> dict:
 
 def finished(run: Run) -> dict | None:
     """The stored result of a run that already finished with the same command line, if any."""
-    out = Path(dict(arg.split("=", 1) for arg in run.argv if "=" in arg)["output_dir"])
-    path = out / "result.json"
+    path = output_dir(run) / "result.json"
     if path.exists():
         result = json.loads(path.read_text())
         if result.get("argv") == list(run.argv):
@@ -339,6 +344,53 @@ def commonsense_table(results, cells) -> str:
     return markdown_table(header, rows)
 
 
+def default_runs(runs: list[Run], results: dict[str, dict], task: str, method: str) -> list[Run]:
+    """The finished runs of ``method`` on ``task`` with no ablation changed (one per seed)."""
+    return [run for run in runs if run.task == task and run.method == method and results.get(run.id, {}).get("status") == "ok"
+            and all(run.variant.get(key, values[0]) == values[0] for key, (_, values) in ABLATIONS.items())]
+
+
+def rank_distribution_table(results, runs: list[Run]) -> str:
+    """Mean final rank per kind of matrix (Figure 2's letters: Q K V A I O, or Llama's Up / Down), over layers and
+    seeds, for the two methods that move rank; every matrix started at r."""
+    rows, labels = [], []
+    for task in dict.fromkeys(run.task for run in runs):
+        for method in ("flexlora", "adalora"):
+            chosen = default_runs(runs, results, task, method)
+            per_label: dict[str, list[int]] = {}
+            for run in chosen:
+                for module, rank in json.loads((output_dir(run) / "rank_pattern.json").read_text()).items():
+                    # (AdaLoRA files written before the PEFT-name fix of 2026-11-28 name modules "<module>.lora_E")
+                    label = short_module_name(module.removesuffix(".lora_E")).split(".", 1)[-1]
+                    per_label.setdefault(label, []).append(rank)
+            if per_label:
+                labels += [label for label in per_label if label not in labels]
+                rows.append((GLUE_METRICS.get(task, ("commonsense",))[0], METHOD_NAMES[method], len(chosen), per_label))
+    return markdown_table(["task", "method", "seeds"] + labels,
+                          [[task, method, n] + [f"{statistics.fmean(ranks[label]):.2f}" if label in ranks else "-" for label in labels]
+                           for task, method, n, ranks in rows])
+
+
+def copy_heatmaps(results, runs: list[Run], directory: Path) -> list[Path]:
+    """The rank-allocation heatmap of FlexLoRA's first-seed default run of every task, copied next to the report."""
+    copied = []
+    for task in dict.fromkeys(run.task for run in runs):
+        candidates = default_runs(runs, results, task, "flexlora")
+        if candidates and (output_dir(candidates[0]) / "rank_heatmap.png").is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            copied.append(Path(shutil.copyfile(output_dir(candidates[0]) / "rank_heatmap.png", directory / f"{task}.png")))
+    return copied
+
+
+def sweep_span(runs: list[Run], results: dict[str, dict]) -> tuple[float, float] | None:
+    """(first start, last end) of the finished runs, from their result.json times, across resumed invocations."""
+    done = [run for run in runs if results.get(run.id, {}).get("status") == "ok"]
+    if not done:
+        return None
+    ends = {run.id: (output_dir(run) / "result.json").stat().st_mtime for run in done}
+    return min(ends[run.id] - results[run.id]["seconds"] for run in done), max(ends.values())
+
+
 def verdict(flex: list[float], other: list[float]) -> str:
     """Whether FlexLoRA's mean is above the other's by more than the larger seed std (else: within noise)."""
     if not flex or not other:
@@ -371,8 +423,12 @@ def verdict_table(results, tables) -> str:
 
 
 def report(profile_name: str, profile: Profile, command: str, runs: list[Run], results: dict[str, dict], tables: dict,
-           wall_s: float, loads: tuple[str, str]) -> str:
+           wall_s: float, loads: tuple[str, str], heatmaps: list[Path]) -> str:
     ok = [r for r in results.values() if r.get("status") == "ok"]
+    span = sweep_span(runs, results)
+    span_text = (f"the runs span {time.strftime('%Y-%m-%d %H:%M', time.gmtime(span[0]))} - "
+                 f"{time.strftime('%H:%M UTC', time.gmtime(span[1]))} = {(span[1] - span[0]) / 60:.0f} min of wall time"
+                 if span else "no run finished")
     parts = [
         f"# Quality at equal budget: FlexLoRA vs PEFT LoRA / AdaLoRA (`--{profile_name}`)",
         f"Profile: {profile.note}. Seeds {list(profile.seeds)} for the methods table, {list(profile.ablation_seeds)} for "
@@ -380,8 +436,8 @@ def report(profile_name: str, profile: Profile, command: str, runs: list[Run], r
         "Same budget: the config's r on every target matrix for all methods (LoRA rank r; FlexLoRA capacity ceil(1.5 r) "
         "with r active; AdaLoRA init_r ceil(1.5 r) -> target_r r), same steps, lr, schedule and data.",
         provenance(command, "cpu", wall_s, loads),
-        f"Runs: {len(runs)} planned, {len(ok)} finished; sum of run wall times {sum(r['seconds'] for r in ok):,.0f} s "
-        f"(wall time above is this invocation's; a resumed sweep reuses earlier runs).",
+        f"Runs: {len(runs)} planned, {len(ok)} finished; {span_text} (the sweep, across resumed invocations; 'Wall time' "
+        f"above is this invocation's), {sum(r['seconds'] for r in ok):,.0f} s summed over runs.",
     ]
     failed = [r for r in results.values() if r.get("status") != "ok"]
     if failed:
@@ -401,6 +457,11 @@ def report(profile_name: str, profile: Profile, command: str, runs: list[Run], r
     if "methods" in tables or "commonsense" in tables:
         parts += ["## Did FlexLoRA win?", "Better / worse only when the difference of means exceeds the larger seed "
                   "std of the two; with one seed there is no std and any difference counts.", verdict_table(results, tables)]
+    parts += ["## Where the rank went (final rank per matrix kind, mean over layers and seeds; all start at r)",
+              rank_distribution_table(results, runs)]
+    if heatmaps:
+        parts += ["Rank allocation over training, FlexLoRA, first seed: "
+                  + ", ".join(f"[{path.stem}]({path.parent.name}/{path.name})" for path in heatmaps) + "."]
     parts += ["## Runs", markdown_table(["run", "status", "wall s", "final active rank", "rank moves"],
                                         [[r.id, results.get(r.id, {}).get("status", "not run"),
                                           f"{results[r.id]['seconds']:.0f}" if r.id in results else "-",
@@ -445,8 +506,9 @@ def main(argv=None) -> int:
     started = time.time()
     results = run_all(runs, jobs, threads)
     loads.append(load_averages())
-    markdown = report(args.profile, profile, command, runs, results, tables, time.time() - started, tuple(loads))
     args.out.mkdir(parents=True, exist_ok=True)
+    heatmaps = copy_heatmaps(results, runs, args.out / f"quality_{args.profile}_heatmaps")
+    markdown = report(args.profile, profile, command, runs, results, tables, time.time() - started, tuple(loads), heatmaps)
     (args.out / f"quality_{args.profile}.md").write_text(markdown)
     (args.out / f"quality_{args.profile}.json").write_text(json.dumps(
         {"command": command, "profile": args.profile, "runs": [results.get(r.id, {"id": r.id, "status": "not run"}) for r in runs]},

@@ -537,9 +537,10 @@ def _unwrapped_name(name: str) -> str:
 
 
 def _peft_module_name(param_name: str) -> str:
-    """``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default`` -> ``model.layers.0.self_attn.q_proj``."""
+    """``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default`` -> ``model.layers.0.self_attn.q_proj``; also
+    AdaLoRA's rank_pattern keys, ``<module>.lora_E`` (no adapter name once PEFT has saved the adapter)."""
     name = re.sub(r"^base_model\.model\.", "", param_name)
-    return re.sub(r"\.lora_[A-Za-z]+\.[^.]+(\.weight)?$", "", name)
+    return re.sub(r"\.lora_[A-Za-z]+(\.[^.]+)?(\.weight)?$", "", name)
 
 
 class PeftMethod(AdapterMethod):

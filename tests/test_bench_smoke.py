@@ -155,6 +155,14 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     assert [row["task"] for row in verdicts] == ["STS-B pearson", "commonsense avg"]
     assert all(re.match(r"(\*\*better\*\*|\*\*worse\*\*|within noise) \(", row["FlexLoRA vs LoRA"]) for row in verdicts)
 
+    where = table_with(report, "task", "seeds")
+    assert [(row["task"], row["method"]) for row in where] == [
+        ("STS-B", "FlexLoRA"), ("STS-B", "AdaLoRA"), ("commonsense", "FlexLoRA"), ("commonsense", "AdaLoRA")]
+    assert all(1 <= number(row["Q"]) <= 12 for row in where if row["task"] == "STS-B")  # between min_rank and capacity
+    for task in ("stsb", "commonsense"):
+        assert (out / "quality_smoke_heatmaps" / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(quality_smoke_heatmaps/{task}.png)" in report
+
     results = json.loads((out / "quality_smoke.json").read_text())["runs"]
     assert all(run["status"] == "ok" for run in results), [r for r in results if r["status"] != "ok"]
     assert len(results) == 3 + 5 + 2 + 3 + 3  # methods, other metrics, other modes, other inits, commonsense

@@ -150,6 +150,11 @@ def test_lora_and_adalora_run_through_peft(recipe, tiny_model_dir, tmp_path):
     # update_and_allocate ran: PEFT pruned from init_r = 6 per matrix to the target budget of 4 per matrix
     assert adalora["total_active_rank"] == 40 and adalora["rank_changes"] > 0
     assert sum(sum(mask) for mask in saved["rank_pattern"].values()) == 40
+    for method, out in outputs.items():  # one rank per adapted module, by module name, as FlexLoRA writes it
+        pattern = json.loads((out / "rank_pattern.json").read_text())
+        assert sorted(pattern) == sorted(f"model.layers.{i}.{part}" for i in range(2) for part in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")), method
+        assert sum(pattern.values()) == 40
     history = _read_jsonl(outputs["adalora"] / "allocation.jsonl")
     assert all(r["action"] == "prune" and 2 < r["step"] <= 6 for r in history)
 
