@@ -10,6 +10,7 @@ Tables (paper layouts):
   importance  FlexLoRA with each importance metric                                               (Tables 4 / 15)
   mode        FlexLoRA, prune-only, expand-only                                                  (Table 5)
   init        zero-impact, small, zero, orthogonal expansion                                      (Table 6)
+  lr          every method at multiples of the config's learning rate (not in the paper)
   commonsense SmolLM2-135M (LLaMA3-8B in --full) on the eight commonsense tasks                   (Table 2)
 
 Every cell is one recipe run (recipes/deberta_glue.py or recipes/llama3_cr.py, the same code users run) with the
@@ -36,6 +37,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from bench.common import load_averages, markdown_table, provenance
 from flexlora.training import short_module_name
 
@@ -49,6 +52,7 @@ ABLATIONS = {
     "mode": ("adapter.mode", ("flex", "prune_only", "expand_only")),
     "init": ("adapter.expand_init", ("zero_impact", "small", "zero", "orthogonal")),
 }
+TABLES = ("methods", *ABLATIONS, "lr", "commonsense")
 GLUE_METRICS = {  # main metric first; the recipe's metrics.json names them "<split>/<metric>"
     "cola": ("CoLA", ["matthews_correlation"]),
     "mrpc": ("MRPC", ["accuracy", "f1"]),
@@ -67,6 +71,7 @@ class Profile:
     seeds: tuple[int, ...]  # methods table
     ablation_tasks: tuple[str, ...]
     ablation_seeds: tuple[int, ...]
+    lr_scales: tuple[float, ...]  # the lr table: every method at these multiples of the config's lr (ablation tasks)
     cr_config: str
     cr_overrides: dict
     cr_seeds: tuple[int, ...]
@@ -88,7 +93,7 @@ PROFILES = {
         glue_tasks={"stsb": _schedule(4, 1, 1)},
         glue_common={"data.max_train_samples": 32, "data.max_eval_samples": 32, "train.batch_size": 8,
                      "train.micro_batch_size": 8, "eval.every_n_steps": 0, "logging.tensorboard": "false"},
-        seeds=(0,), ablation_tasks=("stsb",), ablation_seeds=(0,),
+        seeds=(0,), ablation_tasks=("stsb",), ablation_seeds=(0,), lr_scales=(1.0, 4.0),
         cr_config="recipes/configs/quickstart.yaml",
         cr_overrides={**_schedule(3, 1, 1), "data.max_samples": 12, "train.warmup_steps": 1, "eval.limit": 1,
                       "eval.max_new_tokens": 4, "checkpoint.every_n_steps": 0, "logging.tensorboard": "false"},
@@ -108,7 +113,7 @@ PROFILES = {
             "stsb": _schedule(80, 16, 4),
         },
         glue_common={"eval.every_n_steps": 0, "checkpoint.every_n_steps": 0},
-        seeds=(0, 1, 2), ablation_tasks=("stsb",), ablation_seeds=(0, 1),
+        seeds=(0, 1, 2), ablation_tasks=("stsb",), ablation_seeds=(0, 1), lr_scales=(0.25, 1.0, 4.0),
         cr_config="recipes/configs/quickstart.yaml",
         cr_overrides={**_schedule(120, 24, 8), "data.max_samples": 240, "eval.limit": 20, "checkpoint.every_n_steps": 0},
         cr_seeds=(0,), jobs=2, threads=1,
@@ -121,6 +126,7 @@ PROFILES = {
         glue_tasks={"cola": {}, "mrpc": {}, "rte": {}, "stsb": {}},
         glue_common={},
         seeds=(0, 1, 2, 3, 4), ablation_tasks=("cola", "mrpc", "rte", "stsb"), ablation_seeds=(0, 1, 2, 3, 4),
+        lr_scales=(0.5, 1.0, 2.0),
         cr_config="recipes/configs/llama3_8b_cr_r8.yaml",
         cr_overrides={},
         cr_seeds=(0,), jobs=1, threads=0,
@@ -138,6 +144,12 @@ class Run:
     method: str
     variant: dict = field(default_factory=dict, hash=False, compare=False)  # ablation key -> value (FlexLoRA only)
     seed: int = 0
+    lr_scale: float = 1.0
+
+
+def base_lr(config: str) -> float:
+    """train.lr of a recipe config file (what lr_scales multiply)."""
+    return float(yaml.safe_load((ROOT / config).read_text())["train"]["lr"])
 
 
 def output_dir(run: "Run") -> Path:
@@ -153,19 +165,25 @@ def plan(profile: Profile, work_dir: Path, set_glue: list[str], set_cr: list[str
     runs: dict[str, Run] = {}
     tables: dict[str, dict] = {}
 
-    def glue_run(task: str, seed: int, method: str = "flexlora", **variant) -> str:
+    def glue_run(task: str, seed: int, method: str = "flexlora", lr_scale: float = 1.0, **variant) -> str:
         variant = {key: variant.get(key, values[0]) for key, (_, values) in ABLATIONS.items()} if method == "flexlora" else {}
-        run_id = f"glue-{task}-{method}" + "".join(f"-{v}" for v in variant.values()) + f"-s{seed}"
+        run_id = (f"glue-{task}-{method}" + "".join(f"-{v}" for v in variant.values())
+                  + (f"-lr{lr_scale:g}x" if lr_scale != 1.0 else "") + f"-s{seed}")
+        config = profile.glue_config.format(task=task)
         overrides = {**profile.glue_common, **profile.glue_tasks[task], "method": method, "train.seed": seed,
-                     "adapter.seed": seed, **{ABLATIONS[k][0]: v for k, v in variant.items()},
-                     "output_dir": work_dir / run_id}
-        argv = _argv(profile.glue_config.format(task=task), overrides) + tuple(set_glue)
-        runs.setdefault(run_id, Run(run_id, "glue", argv, task, method, variant, seed))
+                     "adapter.seed": seed, **{ABLATIONS[k][0]: v for k, v in variant.items()}}
+        if lr_scale != 1.0:
+            overrides["train.lr"] = f"{lr_scale * float(overrides.get('train.lr', base_lr(config))):g}"
+        argv = _argv(config, {**overrides, "output_dir": work_dir / run_id}) + tuple(set_glue)
+        runs.setdefault(run_id, Run(run_id, "glue", argv, task, method, variant, seed, lr_scale))
         return run_id
 
     if "methods" in only:
         tables["methods"] = {(task, method): [glue_run(task, seed, method) for seed in profile.seeds]
                              for task in profile.glue_tasks for method in METHODS}
+    if "lr" in only:
+        tables["lr"] = {(task, method, scale): [glue_run(task, seed, method, scale) for seed in profile.ablation_seeds]
+                        for task in profile.ablation_tasks for method in METHODS for scale in profile.lr_scales}
     for name, (_, values) in ABLATIONS.items():
         if name in only:
             tables[name] = {(task, value): [glue_run(task, seed, **{name: value}) for seed in profile.ablation_seeds]
@@ -332,6 +350,15 @@ def ablation_table(results, cells, name: str, tasks) -> str:
     return markdown_table(header, rows)
 
 
+def lr_table(results, cells) -> str:
+    tasks = list(dict.fromkeys(task for task, _, _ in cells))
+    scales = list(dict.fromkeys(scale for _, _, scale in cells))
+    header = ["method"] + [f"{GLUE_METRICS[t][0]} {GLUE_METRICS[t][1][0]}, lr x {scale:g}" for t in tasks for scale in scales]
+    rows = [[METHOD_NAMES[method]] + [cell(scores(results, cells[(task, method, scale)], GLUE_METRICS[task][1][0]))
+                                      for task in tasks for scale in scales] for method in METHODS]
+    return markdown_table(header, rows)
+
+
 def commonsense_table(results, cells) -> str:
     header = ["method", "adapter params"] + [short for _, short in CR_TASKS] + ["avg"]
     rows = []
@@ -347,7 +374,7 @@ def commonsense_table(results, cells) -> str:
 def default_runs(runs: list[Run], results: dict[str, dict], task: str, method: str) -> list[Run]:
     """The finished runs of ``method`` on ``task`` with no ablation changed (one per seed)."""
     return [run for run in runs if run.task == task and run.method == method and results.get(run.id, {}).get("status") == "ok"
-            and all(run.variant.get(key, values[0]) == values[0] for key, (_, values) in ABLATIONS.items())]
+            and run.lr_scale == 1.0 and all(run.variant.get(key, values[0]) == values[0] for key, (_, values) in ABLATIONS.items())]
 
 
 def rank_distribution_table(results, runs: list[Run]) -> str:
@@ -451,6 +478,11 @@ def report(profile_name: str, profile: Profile, command: str, runs: list[Run], r
         if name in tables:
             tasks = list(dict.fromkeys(task for task, _ in tables[name]))
             parts += [f"## GLUE ablation: {title}", ablation_table(results, tables[name], name, tasks)]
+    if "lr" in tables:
+        parts += ["## Learning rate (every method at multiples of the config's lr; the other tables use x 1)",
+                  "FlexLoRA and AdaLoRA start every lambda at 0 and grow it by about one lr per Adam step, while LoRA's "
+                  "B grows in all of its d_out x r entries at once, so short runs at one shared lr can favour LoRA.",
+                  lr_table(results, tables["lr"])]
     if "commonsense" in tables:
         parts += ["## Commonsense reasoning (Table 2 layout, LLM-Adapters protocol, accuracy)",
                   commonsense_table(results, tables["commonsense"])]
@@ -475,8 +507,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     profile = parser.add_mutually_exclusive_group(required=True)
     for name in PROFILES:
         profile.add_argument(f"--{name}", dest="profile", action="store_const", const=name)
-    parser.add_argument("--only", nargs="+", choices=["methods", *ABLATIONS, "commonsense"],
-                        default=["methods", *ABLATIONS, "commonsense"], help="tables to produce (default: all)")
+    parser.add_argument("--only", nargs="+", choices=TABLES, default=list(TABLES), help="tables to produce (default: all)")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: the profile's)")
     parser.add_argument("--threads", type=int, help="torch threads per run; 0: torch's default (default: the profile's)")
     parser.add_argument("--set-glue", action="append", default=[], metavar="KEY=VALUE", help="extra override for every GLUE run")

@@ -148,6 +148,10 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     mode = {row["mode"]: number(row["final active rank"]) for row in table_with(report, "mode", "final active rank")}
     assert mode["prune_only"] < mode["flex"] < mode["expand_only"]  # only flex keeps the budget
 
+    lr = table_with(report, "method", "STS-B pearson, lr x 4")
+    assert [row["method"] for row in lr] == QUALITY_METHODS
+    assert [row["STS-B pearson, lr x 1"] for row in lr] == [row["STS-B pearson"] for row in methods]  # the same runs
+
     commonsense = table_with(report, "method", "BoolQ")
     assert [row["method"] for row in commonsense] == QUALITY_METHODS
     assert all(0 <= number(row[c]) <= 100 for row in commonsense for c in ("BoolQ", "OBQA", "avg"))
@@ -165,7 +169,7 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
 
     results = json.loads((out / "quality_smoke.json").read_text())["runs"]
     assert all(run["status"] == "ok" for run in results), [r for r in results if r["status"] != "ok"]
-    assert len(results) == 3 + 5 + 2 + 3 + 3  # methods, other metrics, other modes, other inits, commonsense
+    assert len(results) == 3 + 5 + 2 + 3 + 3 + 3  # methods, other metrics / modes / inits, lr x 4, commonsense
 
 
 def test_quality_sweep_resumes_instead_of_rerunning(quality):
@@ -177,7 +181,7 @@ def test_quality_sweep_resumes_instead_of_rerunning(quality):
 
 def test_quality_verdicts_and_cells_by_hand():
     sys.path.insert(0, str(ROOT))
-    from bench.quality import PROFILES, cell, plan, verdict
+    from bench.quality import PROFILES, TABLES, cell, plan, verdict
 
     assert cell([]) == "-"
     assert cell([0.5]) == "50.0"
@@ -188,10 +192,13 @@ def test_quality_verdicts_and_cells_by_hand():
     assert verdict([0.6], [0.5]) == "**better** (+10.0, one seed)"
     assert verdict([], [0.5]) == "not measured"
 
-    runs, tables = plan(PROFILES["cpu"], ROOT / "unused", [], [], {"methods", "importance", "mode", "init", "commonsense"})
+    runs, tables = plan(PROFILES["cpu"], ROOT / "unused", [], [], set(TABLES))
     ids = [run.id for run in runs]
-    assert len(ids) == len(set(ids)) == 4 * 3 * 3 + 10 * 2 + 3  # ablation defaults reuse the methods-table runs
+    # ablation defaults and lr x 1 reuse the methods-table runs
+    assert len(ids) == len(set(ids)) == 4 * 3 * 3 + 10 * 2 + 3 * 2 * 2 + 3
     default = "glue-stsb-flexlora-entropy-flex-zero_impact-s0"
     assert default in tables["methods"][("stsb", "flexlora")] and default in tables["importance"][("stsb", "entropy")]
     sensitivity = next(run for run in runs if run.id == "glue-stsb-flexlora-sensitivity-flex-zero_impact-s1")
     assert {"adapter.importance=sensitivity", "train.seed=1", "adapter.seed=1", "method=flexlora"} <= set(sensitivity.argv)
+    fast = next(run for run in runs if run.id == "glue-stsb-lora-lr4x-s0")
+    assert "train.lr=0.0088" in fast.argv  # 4 x minilm_stsb.yaml's 2.2e-3
