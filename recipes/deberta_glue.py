@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexlora import FlexLoRAConfig, glue  # noqa: E402
 from flexlora.training import (  # noqa: E402
-    METHODS,
     CheckpointConfig,
     LoggingConfig,
     MetricLogger,
@@ -54,6 +53,7 @@ from flexlora.training import (  # noqa: E402
     TrainConfig,
     TrainLoop,
     build_method,
+    check_run_sections,
     config_to_yaml,
     epoch_loader,
     plot_rank_heatmap,
@@ -290,13 +290,9 @@ class RecipeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.adapter.total_steps is not None:
-            raise ValueError("adapter.total_steps is derived from the data and train.epochs / train.max_steps; leave it unset")
         if not self.adapter.modules_to_save:
             raise ValueError("adapter.modules_to_save is empty: the new classifier head must be trained (e.g. [classifier])")
-        self.output_dir = self.output_dir.replace("{method}", self.method).replace("{task}", glue.get_task(self.data.task).name)
+        check_run_sections(self, task=glue.get_task(self.data.task).name)
 
 
 def load_glue_splits(data: GlueDataConfig) -> tuple[glue.GlueSplit, dict[str, glue.GlueSplit]]:

@@ -47,7 +47,6 @@ from flexlora.data import (  # noqa: E402
     write_synthetic_dataset,
 )
 from flexlora.training import (  # noqa: E402
-    METHODS,
     CheckpointConfig,
     LoggingConfig,
     MetricLogger,
@@ -55,6 +54,7 @@ from flexlora.training import (  # noqa: E402
     TrainConfig,
     TrainLoop,
     build_method,
+    check_run_sections,
     epoch_loader,
     load_causal_lm,
     plot_rank_heatmap,
@@ -87,11 +87,7 @@ class RecipeConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.adapter.total_steps is not None:
-            raise ValueError("adapter.total_steps is derived from the data and train.epochs / train.max_steps; leave it unset")
-        self.output_dir = self.output_dir.replace("{method}", self.method)
+        check_run_sections(self)
 
 
 def main(argv: list[str] | None = None) -> None:

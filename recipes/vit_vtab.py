@@ -40,11 +40,11 @@ from deberta_glue import (  # noqa: E402
 
 from flexlora import FlexLoRAConfig, vtab  # noqa: E402
 from flexlora.training import (  # noqa: E402
-    METHODS,
     CheckpointConfig,
     LoggingConfig,
     ModelConfig,
     TrainConfig,
+    check_run_sections,
     resolve_model_location,
     start_run,
 )
@@ -116,13 +116,9 @@ class RecipeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.adapter.total_steps is not None:
-            raise ValueError("adapter.total_steps is derived from the data and train.epochs / train.max_steps; leave it unset")
         if not self.adapter.modules_to_save:
             raise ValueError("adapter.modules_to_save is empty: the new classifier head must be trained (e.g. [classifier])")
-        self.output_dir = self.output_dir.replace("{method}", self.method).replace("{task}", self.data.task)
+        check_run_sections(self, task=self.data.task)
 
 
 def load_vtab_samples(data: VtabDataConfig) -> tuple[object, object, str]:
