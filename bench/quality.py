@@ -113,7 +113,7 @@ PROFILES = {
             "stsb": _schedule(80, 16, 4),
         },
         glue_common={"eval.every_n_steps": 0, "checkpoint.every_n_steps": 0},
-        seeds=(0, 1, 2), ablation_tasks=("stsb",), ablation_seeds=(0, 1), lr_scales=(0.25, 1.0, 4.0),
+        seeds=(0, 1, 2), ablation_tasks=("stsb",), ablation_seeds=(0, 1), lr_scales=(1.0, 4.0),
         cr_config="recipes/configs/quickstart.yaml",
         cr_overrides={**_schedule(120, 24, 8), "data.max_samples": 240, "eval.limit": 20, "checkpoint.every_n_steps": 0},
         cr_seeds=(0,), jobs=2, threads=1,

@@ -195,7 +195,7 @@ def test_quality_verdicts_and_cells_by_hand():
     runs, tables = plan(PROFILES["cpu"], ROOT / "unused", [], [], set(TABLES))
     ids = [run.id for run in runs]
     # ablation defaults and lr x 1 reuse the methods-table runs
-    assert len(ids) == len(set(ids)) == 4 * 3 * 3 + 10 * 2 + 3 * 2 * 2 + 3
+    assert len(ids) == len(set(ids)) == 4 * 3 * 3 + 10 * 2 + 3 * 2 + 3
     default = "glue-stsb-flexlora-entropy-flex-zero_impact-s0"
     assert default in tables["methods"][("stsb", "flexlora")] and default in tables["importance"][("stsb", "entropy")]
     sensitivity = next(run for run in runs if run.id == "glue-stsb-flexlora-sensitivity-flex-zero_impact-s1")
