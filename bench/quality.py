@@ -11,6 +11,7 @@ Tables (paper layouts):
   mode        FlexLoRA, prune-only, expand-only                                                  (Table 5)
   init        zero-impact, small, zero, orthogonal expansion                                      (Table 6)
   lr          every method at multiples of the config's learning rate (not in the paper)
+  orth        FlexLoRA and AdaLoRA with and without their orthogonality regulariser (not in the paper)
   commonsense SmolLM2-135M (LLaMA3-8B in --full) on the eight commonsense tasks                   (Table 2)
 
 Every cell is one recipe run (recipes/deberta_glue.py or recipes/llama3_cr.py, the same code users run) with the
@@ -52,7 +53,9 @@ ABLATIONS = {
     "mode": ("adapter.mode", ("flex", "prune_only", "expand_only")),
     "init": ("adapter.expand_init", ("zero_impact", "small", "zero", "orthogonal")),
 }
-TABLES = ("methods", *ABLATIONS, "lr", "commonsense")
+SCALED = {"lr": "train.lr", "orth": "adapter.orth_reg_weight"}  # scale tables -> the config value they multiply
+SCALED_METHODS = {"lr": METHODS, "orth": ("flexlora", "adalora")}
+TABLES = ("methods", *ABLATIONS, *SCALED, "commonsense")
 GLUE_METRICS = {  # main metric first; the recipe's metrics.json names them "<split>/<metric>"
     "cola": ("CoLA", ["matthews_correlation"]),
     "mrpc": ("MRPC", ["accuracy", "f1"]),
@@ -71,7 +74,9 @@ class Profile:
     seeds: tuple[int, ...]  # methods table
     ablation_tasks: tuple[str, ...]
     ablation_seeds: tuple[int, ...]
-    lr_scales: tuple[float, ...]  # the lr table: every method at these multiples of the config's lr (ablation tasks)
+    # Multiples of a config value, on the ablation tasks: lr for every method; the orthogonality regulariser's
+    # weight for the two methods that have one (0: no regulariser)
+    scales: dict[str, tuple[float, ...]]
     cr_config: str
     cr_overrides: dict
     cr_seeds: tuple[int, ...]
@@ -93,7 +98,7 @@ PROFILES = {
         glue_tasks={"stsb": _schedule(4, 1, 1)},
         glue_common={"data.max_train_samples": 32, "data.max_eval_samples": 32, "train.batch_size": 8,
                      "train.micro_batch_size": 8, "eval.every_n_steps": 0, "logging.tensorboard": "false"},
-        seeds=(0,), ablation_tasks=("stsb",), ablation_seeds=(0,), lr_scales=(1.0, 4.0),
+        seeds=(0,), ablation_tasks=("stsb",), ablation_seeds=(0,), scales={"lr": (1.0, 4.0), "orth": (1.0, 0.0)},
         cr_config="recipes/configs/quickstart.yaml",
         cr_overrides={**_schedule(3, 1, 1), "data.max_samples": 12, "train.warmup_steps": 1, "eval.limit": 1,
                       "eval.max_new_tokens": 4, "checkpoint.every_n_steps": 0, "logging.tensorboard": "false"},
@@ -113,7 +118,7 @@ PROFILES = {
             "stsb": _schedule(80, 16, 4),
         },
         glue_common={"eval.every_n_steps": 0, "checkpoint.every_n_steps": 0},
-        seeds=(0, 1, 2), ablation_tasks=("stsb",), ablation_seeds=(0, 1), lr_scales=(1.0, 4.0),
+        seeds=(0, 1, 2), ablation_tasks=("stsb",), ablation_seeds=(0, 1), scales={"lr": (1.0, 4.0), "orth": (1.0, 0.0)},
         cr_config="recipes/configs/quickstart.yaml",
         cr_overrides={**_schedule(120, 24, 8), "data.max_samples": 240, "eval.limit": 20, "checkpoint.every_n_steps": 0},
         cr_seeds=(0,), jobs=2, threads=1,
@@ -126,7 +131,7 @@ PROFILES = {
         glue_tasks={"cola": {}, "mrpc": {}, "rte": {}, "stsb": {}},
         glue_common={},
         seeds=(0, 1, 2, 3, 4), ablation_tasks=("cola", "mrpc", "rte", "stsb"), ablation_seeds=(0, 1, 2, 3, 4),
-        lr_scales=(0.5, 1.0, 2.0),
+        scales={"lr": (0.5, 1.0, 2.0), "orth": (1.0, 0.0)},
         cr_config="recipes/configs/llama3_8b_cr_r8.yaml",
         cr_overrides={},
         cr_seeds=(0,), jobs=1, threads=0,
@@ -144,12 +149,13 @@ class Run:
     method: str
     variant: dict = field(default_factory=dict, hash=False, compare=False)  # ablation key -> value (FlexLoRA only)
     seed: int = 0
-    lr_scale: float = 1.0
+    scale: tuple[str, float] | None = None  # (SCALED key, multiple) for the lr / orth tables
 
 
-def base_lr(config: str) -> float:
-    """train.lr of a recipe config file (what lr_scales multiply)."""
-    return float(yaml.safe_load((ROOT / config).read_text())["train"]["lr"])
+def config_value(config: str, dotted_key: str) -> float:
+    """A value of a recipe config file, e.g. train.lr (what the scale tables multiply)."""
+    section, key = dotted_key.split(".")
+    return float(yaml.safe_load((ROOT / config).read_text())[section][key])
 
 
 def output_dir(run: "Run") -> Path:
@@ -165,25 +171,28 @@ def plan(profile: Profile, work_dir: Path, set_glue: list[str], set_cr: list[str
     runs: dict[str, Run] = {}
     tables: dict[str, dict] = {}
 
-    def glue_run(task: str, seed: int, method: str = "flexlora", lr_scale: float = 1.0, **variant) -> str:
+    def glue_run(task: str, seed: int, method: str = "flexlora", scale: tuple[str, float] | None = None, **variant) -> str:
         variant = {key: variant.get(key, values[0]) for key, (_, values) in ABLATIONS.items()} if method == "flexlora" else {}
+        scale = scale if scale is not None and scale[1] != 1.0 else None  # x 1 is the default run
         run_id = (f"glue-{task}-{method}" + "".join(f"-{v}" for v in variant.values())
-                  + (f"-lr{lr_scale:g}x" if lr_scale != 1.0 else "") + f"-s{seed}")
+                  + (f"-{scale[0]}{scale[1]:g}x" if scale else "") + f"-s{seed}")
         config = profile.glue_config.format(task=task)
         overrides = {**profile.glue_common, **profile.glue_tasks[task], "method": method, "train.seed": seed,
                      "adapter.seed": seed, **{ABLATIONS[k][0]: v for k, v in variant.items()}}
-        if lr_scale != 1.0:
-            overrides["train.lr"] = f"{lr_scale * float(overrides.get('train.lr', base_lr(config))):g}"
+        if scale:
+            key = SCALED[scale[0]]
+            overrides[key] = f"{scale[1] * float(overrides.get(key, config_value(config, key))):g}"
         argv = _argv(config, {**overrides, "output_dir": work_dir / run_id}) + tuple(set_glue)
-        runs.setdefault(run_id, Run(run_id, "glue", argv, task, method, variant, seed, lr_scale))
+        runs.setdefault(run_id, Run(run_id, "glue", argv, task, method, variant, seed, scale))
         return run_id
 
     if "methods" in only:
         tables["methods"] = {(task, method): [glue_run(task, seed, method) for seed in profile.seeds]
                              for task in profile.glue_tasks for method in METHODS}
-    if "lr" in only:
-        tables["lr"] = {(task, method, scale): [glue_run(task, seed, method, scale) for seed in profile.ablation_seeds]
-                        for task in profile.ablation_tasks for method in METHODS for scale in profile.lr_scales}
+    for name in SCALED:
+        if name in only:
+            tables[name] = {(task, method, scale): [glue_run(task, seed, method, (name, scale)) for seed in profile.ablation_seeds]
+                            for task in profile.ablation_tasks for method in SCALED_METHODS[name] for scale in profile.scales[name]}
     for name, (_, values) in ABLATIONS.items():
         if name in only:
             tables[name] = {(task, value): [glue_run(task, seed, **{name: value}) for seed in profile.ablation_seeds]
@@ -350,12 +359,13 @@ def ablation_table(results, cells, name: str, tasks) -> str:
     return markdown_table(header, rows)
 
 
-def lr_table(results, cells) -> str:
+def scale_table(results, cells, name: str) -> str:
     tasks = list(dict.fromkeys(task for task, _, _ in cells))
+    methods = list(dict.fromkeys(method for _, method, _ in cells))
     scales = list(dict.fromkeys(scale for _, _, scale in cells))
-    header = ["method"] + [f"{GLUE_METRICS[t][0]} {GLUE_METRICS[t][1][0]}, lr x {scale:g}" for t in tasks for scale in scales]
+    header = ["method"] + [f"{GLUE_METRICS[t][0]} {GLUE_METRICS[t][1][0]}, {name} x {scale:g}" for t in tasks for scale in scales]
     rows = [[METHOD_NAMES[method]] + [cell(scores(results, cells[(task, method, scale)], GLUE_METRICS[task][1][0]))
-                                      for task in tasks for scale in scales] for method in METHODS]
+                                      for task in tasks for scale in scales] for method in methods]
     return markdown_table(header, rows)
 
 
@@ -374,7 +384,7 @@ def commonsense_table(results, cells) -> str:
 def default_runs(runs: list[Run], results: dict[str, dict], task: str, method: str) -> list[Run]:
     """The finished runs of ``method`` on ``task`` with no ablation changed (one per seed)."""
     return [run for run in runs if run.task == task and run.method == method and results.get(run.id, {}).get("status") == "ok"
-            and run.lr_scale == 1.0 and all(run.variant.get(key, values[0]) == values[0] for key, (_, values) in ABLATIONS.items())]
+            and run.scale is None and all(run.variant.get(key, values[0]) == values[0] for key, (_, values) in ABLATIONS.items())]
 
 
 def rank_distribution_table(results, runs: list[Run]) -> str:
@@ -482,7 +492,12 @@ def report(profile_name: str, profile: Profile, command: str, runs: list[Run], r
         parts += ["## Learning rate (every method at multiples of the config's lr; the other tables use x 1)",
                   "FlexLoRA and AdaLoRA start every lambda at 0 and grow it by about one lr per Adam step, while LoRA's "
                   "B grows in all of its d_out x r entries at once, so short runs at one shared lr can favour LoRA.",
-                  lr_table(results, tables["lr"])]
+                  scale_table(results, tables["lr"], "lr")]
+    if "orth" in tables:
+        parts += ["## Orthogonality regulariser (its weight x 1 and x 0, i.e. off; LoRA has none)",
+                  "FlexLoRA adds eq. 2 (squared Frobenius norms) of every matrix to the loss; PEFT's AdaLoRA adds the mean "
+                  "over matrices of the plain Frobenius norms, so at the same orth_reg_weight its regulariser is much weaker.",
+                  scale_table(results, tables["orth"], "orth_reg_weight")]
     if "commonsense" in tables:
         parts += ["## Commonsense reasoning (Table 2 layout, LLM-Adapters protocol, accuracy)",
                   commonsense_table(results, tables["commonsense"])]

@@ -151,6 +151,8 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     lr = table_with(report, "method", "STS-B pearson, lr x 4")
     assert [row["method"] for row in lr] == QUALITY_METHODS
     assert [row["STS-B pearson, lr x 1"] for row in lr] == [row["STS-B pearson"] for row in methods]  # the same runs
+    orth = table_with(report, "method", "STS-B pearson, orth_reg_weight x 0")
+    assert [row["method"] for row in orth] == ["FlexLoRA", "AdaLoRA"]
 
     commonsense = table_with(report, "method", "BoolQ")
     assert [row["method"] for row in commonsense] == QUALITY_METHODS
@@ -169,7 +171,7 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
 
     results = json.loads((out / "quality_smoke.json").read_text())["runs"]
     assert all(run["status"] == "ok" for run in results), [r for r in results if r["status"] != "ok"]
-    assert len(results) == 3 + 5 + 2 + 3 + 3 + 3  # methods, other metrics / modes / inits, lr x 4, commonsense
+    assert len(results) == 3 + 5 + 2 + 3 + 3 + 2 + 3  # methods, other metrics / modes / inits, lr x 4, orth x 0, commonsense
 
 
 def test_quality_sweep_resumes_instead_of_rerunning(quality):
@@ -194,11 +196,13 @@ def test_quality_verdicts_and_cells_by_hand():
 
     runs, tables = plan(PROFILES["cpu"], ROOT / "unused", [], [], set(TABLES))
     ids = [run.id for run in runs]
-    # ablation defaults and lr x 1 reuse the methods-table runs
-    assert len(ids) == len(set(ids)) == 4 * 3 * 3 + 10 * 2 + 3 * 2 + 3
+    # ablation defaults, lr x 1 and orth x 1 reuse the methods-table runs
+    assert len(ids) == len(set(ids)) == 4 * 3 * 3 + 10 * 2 + 3 * 2 + 2 * 2 + 3
     default = "glue-stsb-flexlora-entropy-flex-zero_impact-s0"
     assert default in tables["methods"][("stsb", "flexlora")] and default in tables["importance"][("stsb", "entropy")]
     sensitivity = next(run for run in runs if run.id == "glue-stsb-flexlora-sensitivity-flex-zero_impact-s1")
     assert {"adapter.importance=sensitivity", "train.seed=1", "adapter.seed=1", "method=flexlora"} <= set(sensitivity.argv)
     fast = next(run for run in runs if run.id == "glue-stsb-lora-lr4x-s0")
     assert "train.lr=0.0088" in fast.argv  # 4 x minilm_stsb.yaml's 2.2e-3
+    unregularised = next(run for run in runs if run.id == "glue-stsb-adalora-orth0x-s1")
+    assert "adapter.orth_reg_weight=0" in unregularised.argv
