@@ -12,6 +12,7 @@ Tables (paper layouts):
   init        zero-impact, small, zero, orthogonal expansion                                      (Table 6)
   lr          every method at multiples of the config's learning rate (not in the paper)
   orth        FlexLoRA and AdaLoRA with and without their orthogonality regulariser (not in the paper)
+  init_std    FlexLoRA with P / Q initialised at 2.5 x the std (not in the paper)
   commonsense SmolLM2-135M (LLaMA3-8B in --full) on the eight commonsense tasks                   (Table 2)
 
 Every cell is one recipe run (recipes/deberta_glue.py or recipes/llama3_cr.py, the same code users run) with the
@@ -41,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from bench.common import load_averages, markdown_table, provenance
+from flexlora import FlexLoRAConfig
 from flexlora.training import short_module_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,8 +55,9 @@ ABLATIONS = {
     "mode": ("adapter.mode", ("flex", "prune_only", "expand_only")),
     "init": ("adapter.expand_init", ("zero_impact", "small", "zero", "orthogonal")),
 }
-SCALED = {"lr": "train.lr", "orth": "adapter.orth_reg_weight"}  # scale tables -> the config value they multiply
-SCALED_METHODS = {"lr": METHODS, "orth": ("flexlora", "adalora")}
+# scale tables -> the config value they multiply, and the methods they run
+SCALED = {"lr": "train.lr", "orth": "adapter.orth_reg_weight", "init_std": "adapter.init_std"}
+SCALED_METHODS = {"lr": METHODS, "orth": ("flexlora", "adalora"), "init_std": ("flexlora",)}
 TABLES = ("methods", *ABLATIONS, *SCALED, "commonsense")
 GLUE_METRICS = {  # main metric first; the recipe's metrics.json names them "<split>/<metric>"
     "cola": ("CoLA", ["matthews_correlation"]),
@@ -98,7 +101,8 @@ PROFILES = {
         glue_tasks={"stsb": _schedule(4, 1, 1)},
         glue_common={"data.max_train_samples": 32, "data.max_eval_samples": 32, "train.batch_size": 8,
                      "train.micro_batch_size": 8, "eval.every_n_steps": 0, "logging.tensorboard": "false"},
-        seeds=(0,), ablation_tasks=("stsb",), ablation_seeds=(0,), scales={"lr": (1.0, 4.0), "orth": (1.0, 0.0)},
+        seeds=(0,), ablation_tasks=("stsb",), ablation_seeds=(0,),
+        scales={"lr": (1.0, 4.0), "orth": (1.0, 0.0), "init_std": (1.0, 2.5)},
         cr_config="recipes/configs/quickstart.yaml",
         cr_overrides={**_schedule(3, 1, 1), "data.max_samples": 12, "train.warmup_steps": 1, "eval.limit": 1,
                       "eval.max_new_tokens": 4, "checkpoint.every_n_steps": 0, "logging.tensorboard": "false"},
@@ -118,7 +122,8 @@ PROFILES = {
             "stsb": _schedule(80, 16, 4),
         },
         glue_common={"eval.every_n_steps": 0, "checkpoint.every_n_steps": 0},
-        seeds=(0, 1, 2), ablation_tasks=("stsb",), ablation_seeds=(0, 1), scales={"lr": (1.0, 4.0), "orth": (1.0, 0.0)},
+        seeds=(0, 1, 2), ablation_tasks=("stsb",), ablation_seeds=(0, 1),
+        scales={"lr": (1.0, 4.0), "orth": (1.0, 0.0), "init_std": (1.0, 2.5)},
         cr_config="recipes/configs/quickstart.yaml",
         cr_overrides={**_schedule(120, 24, 8), "data.max_samples": 240, "eval.limit": 20, "checkpoint.every_n_steps": 0},
         cr_seeds=(0,), jobs=2, threads=1,
@@ -131,7 +136,7 @@ PROFILES = {
         glue_tasks={"cola": {}, "mrpc": {}, "rte": {}, "stsb": {}},
         glue_common={},
         seeds=(0, 1, 2, 3, 4), ablation_tasks=("cola", "mrpc", "rte", "stsb"), ablation_seeds=(0, 1, 2, 3, 4),
-        scales={"lr": (0.5, 1.0, 2.0), "orth": (1.0, 0.0)},
+        scales={"lr": (0.5, 1.0, 2.0), "orth": (1.0, 0.0), "init_std": (1.0, 2.5)},
         cr_config="recipes/configs/llama3_8b_cr_r8.yaml",
         cr_overrides={},
         cr_seeds=(0,), jobs=1, threads=0,
@@ -153,9 +158,13 @@ class Run:
 
 
 def config_value(config: str, dotted_key: str) -> float:
-    """A value of a recipe config file, e.g. train.lr (what the scale tables multiply)."""
+    """A value of a recipe config file, e.g. train.lr (what the scale tables multiply); an adapter value the file
+    leaves out is FlexLoRAConfig's default."""
     section, key = dotted_key.split(".")
-    return float(yaml.safe_load((ROOT / config).read_text())[section][key])
+    values = yaml.safe_load((ROOT / config).read_text())[section]
+    if key not in values and section == "adapter":
+        return float(FlexLoRAConfig.__dataclass_fields__[key].default)
+    return float(values[key])
 
 
 def output_dir(run: "Run") -> Path:
@@ -498,6 +507,12 @@ def report(profile_name: str, profile: Profile, command: str, runs: list[Run], r
                   "FlexLoRA adds eq. 2 (squared Frobenius norms) of every matrix to the loss; PEFT's AdaLoRA adds the mean "
                   "over matrices of the plain Frobenius norms, so at the same orth_reg_weight its regulariser is much weaker.",
                   scale_table(results, tables["orth"], "orth_reg_weight")]
+    if "init_std" in tables:
+        parts += ["## Initial P / Q scale (FlexLoRA's init_std x 1 and x 2.5)",
+                  "x 2.5 of 0.02 is ~1/sqrt(d) for d = 384: P's columns and Q's rows start near unit norm, so eq. 2 starts "
+                  "near 0 instead of ~10 per matrix, and Adam's second moments of P and Q are not filled by the "
+                  "regulariser's early gradient.",
+                  scale_table(results, tables["init_std"], "init_std")]
     if "commonsense" in tables:
         parts += ["## Commonsense reasoning (Table 2 layout, LLM-Adapters protocol, accuracy)",
                   commonsense_table(results, tables["commonsense"])]

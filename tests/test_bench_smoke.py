@@ -153,6 +153,7 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     assert [row["STS-B pearson, lr x 1"] for row in lr] == [row["STS-B pearson"] for row in methods]  # the same runs
     orth = table_with(report, "method", "STS-B pearson, orth_reg_weight x 0")
     assert [row["method"] for row in orth] == ["FlexLoRA", "AdaLoRA"]
+    assert [row["method"] for row in table_with(report, "method", "STS-B pearson, init_std x 2.5")] == ["FlexLoRA"]
 
     commonsense = table_with(report, "method", "BoolQ")
     assert [row["method"] for row in commonsense] == QUALITY_METHODS
@@ -171,7 +172,8 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
 
     results = json.loads((out / "quality_smoke.json").read_text())["runs"]
     assert all(run["status"] == "ok" for run in results), [r for r in results if r["status"] != "ok"]
-    assert len(results) == 3 + 5 + 2 + 3 + 3 + 2 + 3  # methods, other metrics / modes / inits, lr x 4, orth x 0, commonsense
+    # methods, other metrics / modes / inits, lr x 4, orth x 0, init_std x 2.5, commonsense
+    assert len(results) == 3 + 5 + 2 + 3 + 3 + 2 + 1 + 3
 
 
 def test_quality_sweep_resumes_instead_of_rerunning(quality):
@@ -197,7 +199,7 @@ def test_quality_verdicts_and_cells_by_hand():
     runs, tables = plan(PROFILES["cpu"], ROOT / "unused", [], [], set(TABLES))
     ids = [run.id for run in runs]
     # ablation defaults, lr x 1 and orth x 1 reuse the methods-table runs
-    assert len(ids) == len(set(ids)) == 4 * 3 * 3 + 10 * 2 + 3 * 2 + 2 * 2 + 3
+    assert len(ids) == len(set(ids)) == 4 * 3 * 3 + 10 * 2 + 3 * 2 + 2 * 2 + 2 + 3
     default = "glue-stsb-flexlora-entropy-flex-zero_impact-s0"
     assert default in tables["methods"][("stsb", "flexlora")] and default in tables["importance"][("stsb", "entropy")]
     sensitivity = next(run for run in runs if run.id == "glue-stsb-flexlora-sensitivity-flex-zero_impact-s1")
@@ -206,3 +208,5 @@ def test_quality_verdicts_and_cells_by_hand():
     assert "train.lr=0.0088" in fast.argv  # 4 x minilm_stsb.yaml's 2.2e-3
     unregularised = next(run for run in runs if run.id == "glue-stsb-adalora-orth0x-s1")
     assert "adapter.orth_reg_weight=0" in unregularised.argv
+    wider = next(run for run in runs if run.id == "glue-stsb-flexlora-entropy-flex-zero_impact-init_std2.5x-s0")
+    assert "adapter.init_std=0.05" in wider.argv  # minilm_stsb.yaml leaves init_std at FlexLoRAConfig's 0.02
