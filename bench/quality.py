@@ -469,7 +469,7 @@ def verdict_table(results, tables) -> str:
 
 
 def report(profile_name: str, profile: Profile, command: str, runs: list[Run], results: dict[str, dict], tables: dict,
-           wall_s: float, loads: tuple[str, str], heatmaps: list[Path]) -> str:
+           wall_s: float, loads: tuple[str, str], heatmaps: list[Path], jobs: int, threads: int) -> str:
     ok = [r for r in results.values() if r.get("status") == "ok"]
     span = sweep_span(runs, results)
     span_text = (f"the runs span {time.strftime('%Y-%m-%d %H:%M', time.gmtime(span[0]))} - "
@@ -483,7 +483,8 @@ def report(profile_name: str, profile: Profile, command: str, runs: list[Run], r
         "with r active; AdaLoRA init_r ceil(1.5 r) -> target_r r), same steps, lr, schedule and data.",
         provenance(command, "cpu", wall_s, loads),
         f"Runs: {len(runs)} planned, {len(ok)} finished; {span_text} (the sweep, across resumed invocations; 'Wall time' "
-        f"above is this invocation's), {sum(r['seconds'] for r in ok):,.0f} s summed over runs.",
+        f"above is this invocation's), {sum(r['seconds'] for r in ok):,.0f} s summed over runs; runs {jobs} at a time, "
+        f"{threads or 'the default number of'} torch thread(s) each.",
     ]
     failed = [r for r in results.values() if r.get("status") != "ok"]
     if failed:
@@ -569,7 +570,8 @@ def main(argv=None) -> int:
     loads.append(load_averages())
     args.out.mkdir(parents=True, exist_ok=True)
     heatmaps = copy_heatmaps(results, runs, args.out / f"quality_{args.profile}_heatmaps")
-    markdown = report(args.profile, profile, command, runs, results, tables, time.time() - started, tuple(loads), heatmaps)
+    markdown = report(args.profile, profile, command, runs, results, tables, time.time() - started, tuple(loads), heatmaps,
+                      jobs, threads)
     (args.out / f"quality_{args.profile}.md").write_text(markdown)
     (args.out / f"quality_{args.profile}.json").write_text(json.dumps(
         {"command": command, "profile": args.profile, "runs": [results.get(r.id, {"id": r.id, "status": "not run"}) for r in runs]},
