@@ -1,6 +1,7 @@
 """Equal-budget quality sweeps: FlexLoRA against PEFT LoRA and AdaLoRA on real data, with the paper's ablations.
 
-    python -m bench.quality --cpu        # ~1.5 h on 2 CPU cores -> bench/results/quality_cpu.{md,json}
+    python -m bench.quality --cpu        # 2 CPU cores: 118 min measured (71 runs) -> bench/results/quality_cpu.{md,json}
+    python -m bench.quality --cpu --only methods commonsense   # the Table 1 / 2 analogues alone: ~75 min
     python -m bench.quality --smoke      # a minute; what tests/test_bench_smoke.py runs
     python -m bench.quality --full       # the paper's settings (DeBERTaV3-base GLUE, LLaMA3-8B commonsense), for GPUs
     python -m bench.quality --cpu --dry-run   # print every run's recipe command instead of running it
@@ -109,8 +110,8 @@ PROFILES = {
         cr_seeds=(0,), jobs=1, threads=1,
         note="structure check only: a few steps, 32 rows; the numbers mean nothing",
     ),
-    # About 1.5 h on 2 cores with two runs at a time, one torch thread each (most of it STS-B: the ablations run
-    # there, the one proxy task where every method learns within a CPU-sized run). Steps per task are chosen so a
+    # 118 min measured on 2 shared cores with two runs at a time, one torch thread each (over half of it STS-B: the
+    # ablations run there, the one proxy task where every method learns within a CPU-sized run). Steps per task are chosen so a
     # run takes 1-4 minutes here; learning rates are Table 8's, and the allocation schedule keeps its proportions
     # (T_warmup = T_final ~ 20 %, Delta_T ~ 5 % of the steps).
     "cpu": Profile(
