@@ -407,8 +407,7 @@ def rank_distribution_table(results, runs: list[Run]) -> str:
             per_label: dict[str, list[int]] = {}
             for run in chosen:
                 for module, rank in json.loads((output_dir(run) / "rank_pattern.json").read_text()).items():
-                    # (AdaLoRA files written before the PEFT-name fix of 2026-11-28 name modules "<module>.lora_E")
-                    label = short_module_name(module.removesuffix(".lora_E")).split(".", 1)[-1]
+                    label = short_module_name(module).split(".", 1)[-1]
                     per_label.setdefault(label, []).append(rank)
             if per_label:
                 labels += [label for label in per_label if label not in labels]
