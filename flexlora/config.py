@@ -15,6 +15,7 @@ MODES = ("flex", "prune_only", "expand_only")
 EXPAND_INITS = ("zero_impact", "small", "zero", "orthogonal")
 SCHEDULES = ("paper", "constant")
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+ORTH_REG_FORMS = ("mean_norm", "eq2_sum")  # see flexlora.regulariser
 
 
 @dataclass
@@ -38,6 +39,10 @@ class FlexLoRAConfig:
     delta_t: int = 100
     total_steps: int | None = None  # may be filled in later (the Trainer callback does it from max_steps)
     orth_reg_weight: float = 0.1
+    # mean_norm: w * mean over all P and Q factors of ||P^T P - I||_F, ||Q Q^T - I||_F (PEFT AdaLoRA's and the authors'
+    # code's form, which produced the paper's numbers); eq2_sum: w * sum over matrices of the squared norms (eq. 2 as
+    # printed), for the ablation
+    orth_reg: str = "mean_norm"
     importance: str = "entropy"
     mode: str = "flex"
     expand_init: str = "zero_impact"
@@ -101,6 +106,7 @@ class FlexLoRAConfig:
             ("expand_init", EXPAND_INITS),
             ("schedule", SCHEDULES),
             ("adapter_dtype", ADAPTER_DTYPES),
+            ("orth_reg", ORTH_REG_FORMS),
         ):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

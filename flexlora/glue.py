@@ -308,6 +308,13 @@ def predictions_from_logits(task: GlueTask | str, logits) -> np.ndarray:
     return logits.argmax(axis=1)
 
 
+def majority_share(predictions) -> float:
+    """The share of the most frequent predicted class: 1.0 means the classifier predicts one class only, which a
+    metric such as MRPC accuracy does not show by itself."""
+    predictions = np.asarray(predictions)
+    return float(np.unique(predictions, return_counts=True)[1].max() / len(predictions))
+
+
 def glue_metrics(task: GlueTask | str, predictions, labels) -> dict[str, float]:
     """Every metric GLUE reports for ``task``, plus ``combined_score`` where GLUE averages two of them."""
     task = get_task(task) if isinstance(task, str) else task

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .config import FlexLoRAConfig
 from .layer import ADAPTABLE_TYPES, FlexLoRALayer
+from .regulariser import LossScaleTracker
 
 
 def _matches(name: str, targets: list[str] | str) -> bool:
@@ -41,11 +42,34 @@ class Adapters:
     ``accelerator.prepare``.
     """
 
-    def __init__(self, model: nn.Module, config: FlexLoRAConfig, layers: dict[str, FlexLoRALayer], saved: list[str]):
+    def __init__(self, model: nn.Module, config: FlexLoRAConfig, layers: dict[str, FlexLoRALayer], saved: list[str],
+                 loss_scale_tracker: LossScaleTracker):
         self.model = model
         self.config = config
         self.layers = layers
         self.modules_to_save = saved
+        self.loss_scale_tracker = loss_scale_tracker
+        self._hooks = [model.register_forward_pre_hook(self._begin_forward),
+                       model.register_forward_hook(self._mark_output_loss)]
+
+    def _training_forward(self) -> bool:
+        return self.model.training and torch.is_grad_enabled() and self.config.orth_reg_weight > 0
+
+    def _begin_forward(self, module, args) -> None:
+        if self._training_forward():
+            self.loss_scale_tracker.begin_forward()
+
+    def _mark_output_loss(self, module, args, output):
+        loss = output.get("loss") if isinstance(output, dict) else None  # transformers' ModelOutput is a dict
+        if self._training_forward() and isinstance(loss, torch.Tensor) and loss.requires_grad:
+            output["loss"] = self.loss_scale_tracker.mark(loss)
+        return output
+
+    def mark_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` with a zero-valued anchor that tells the orthogonality regulariser how the backward scales it
+        (gradient accumulation, fp16 loss scaling). Done automatically when the model's output has a ``loss``; call it
+        on a loss computed outside the model, before dividing or scaling it."""
+        return self.loss_scale_tracker.mark(loss)
 
     @property
     def names(self) -> list[str]:
@@ -70,20 +94,15 @@ class Adapters:
         return ParameterCount(capacity=capacity, active=active, modules_to_save=saved, total=total)
 
     def orth_penalty(self) -> float:
-        """Sum of the orthogonality penalties of the last training forward (for logging)."""
+        """The orthogonality regulariser's value (without its weight) in the last training forward, for logging."""
         values = [layer.last_orth_penalty for layer in self.layers.values() if layer.last_orth_penalty is not None]
         return float(torch.stack(values).sum()) if values else 0.0
-
-    def set_gradient_accumulation_steps(self, steps: int) -> None:
-        """The penalty's gradient enters once per forward; scale it so an optimizer step sees it once."""
-        if steps < 1:
-            raise ValueError(f"gradient accumulation steps must be >= 1, got {steps}")
-        for layer in self.layers.values():
-            layer.penalty_grad_scale = 1.0 / steps
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
         """Fold every Delta W into its base weight and put the plain base layers back."""
+        for hook in self._hooks:
+            hook.remove()
         for name, layer in self.layers.items():
             layer.merge()
             parent_name, _, child = name.rpartition(".")
@@ -118,8 +137,9 @@ def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
     for param in model.parameters():
         param.requires_grad_(False)
     layers: dict[str, FlexLoRALayer] = {}
+    tracker = LossScaleTracker()
     for index, (name, module) in enumerate(matched):
-        layer = FlexLoRALayer(module, config, module_index=index)
+        layer = FlexLoRALayer(module, config, module_index=index, matrix_count=len(matched), loss_scale_tracker=tracker)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
@@ -127,4 +147,4 @@ def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
     for name in saved:
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
-    return Adapters(model, config, layers, saved)
+    return Adapters(model, config, layers, saved, tracker)

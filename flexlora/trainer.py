@@ -26,7 +26,6 @@ class FlexLoRACallback(TrainerCallback):
                 f"FlexLoRAConfig.total_steps={config.total_steps} but the Trainer will run {state.max_steps} optimizer "
                 "steps; leave total_steps unset to take the Trainer's"
             )
-        self.allocator.adapters.set_gradient_accumulation_steps(args.gradient_accumulation_steps)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # Gradients are still present here (zero_grad comes later), which the sensitivity metric needs.

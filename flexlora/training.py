@@ -493,11 +493,10 @@ class AdapterMethod(abc.ABC):
 class FlexLoRAMethod(AdapterMethod):
     name = "flexlora"
 
-    def __init__(self, model: nn.Module, config: FlexLoRAConfig, gradient_accumulation: int, task_type: str | None):
+    def __init__(self, model: nn.Module, config: FlexLoRAConfig, task_type: str | None):
         self.config = config
         self.task_type = task_type
         self.adapters: Adapters = inject(model, config)
-        self.adapters.set_gradient_accumulation_steps(gradient_accumulation)
         self.allocator = RankAllocator(self.adapters)
         self.model = model
         self._initial = self.adapters.active_ranks()
@@ -720,7 +719,6 @@ def build_method(
     model: nn.Module,
     config: FlexLoRAConfig,
     total_steps: int,
-    gradient_accumulation: int,
     task_type: str | None = "CAUSAL_LM",
 ) -> AdapterMethod:
     """Adapt ``model`` with one method under the paper's budget rule (call before ``accelerator.prepare``).
@@ -735,7 +733,7 @@ def build_method(
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     config = config.replace(total_steps=total_steps)
     if method == "flexlora":
-        return FlexLoRAMethod(model, config, gradient_accumulation, task_type)
+        return FlexLoRAMethod(model, config, task_type)
     if method == "lora":
         return LoRAMethod(model, config, task_type)
     return AdaLoRAMethod(model, config, task_type, total_steps)

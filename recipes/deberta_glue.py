@@ -164,7 +164,7 @@ def train_and_evaluate(
              "%d optimizer steps per epoch, %d in total (%d warmup)",
              len(train_dataset), batches, config.train.micro_batch_size, accumulation, per_epoch, total_steps, warmup)
 
-    method = build_method(config.method, model, config.adapter, total_steps, accumulation, task_type=task_type)
+    method = build_method(config.method, model, config.adapter, total_steps, task_type=task_type)
     params = method.parameter_count()
     head = sum(p.numel() for n, p in method.model.named_parameters() if p.requires_grad and ".lora_" not in n)
     log.info("method %s: %s adapter parameters allocated (+%s in the trained head), %d target matrices, total active rank %d",
@@ -333,7 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
 
     def score(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        return glue.glue_metrics(task, glue.predictions_from_logits(task, logits), labels)
+        predictions = glue.predictions_from_logits(task, logits)
+        metrics = glue.glue_metrics(task, predictions, labels)
+        if task.num_labels > 1:  # a classifier stuck on one class ranks nothing: say so next to its score
+            metrics["majority_share"] = glue.majority_share(predictions)
+        return metrics
 
     main_metric = f"{next(iter(eval_datasets))}/{task.main_metric}"
     title = f"{config.method} rank allocation, GLUE {task.name} ({model_name(config.model.path)}, r={config.adapter.r})"

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    method = build_method(config.method, model, config.adapter, total_steps, accumulation, task_type="CAUSAL_LM")
+    method = build_method(config.method, model, config.adapter, total_steps, task_type="CAUSAL_LM")
     params = method.parameter_count()
     log.info("method %s: %s adapter parameters allocated, %d target matrices, total active rank %d",
              config.method, f"{params:,}", len(method.initial_ranks()), sum(method.ranks().values()))

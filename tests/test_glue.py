@@ -172,6 +172,7 @@ def test_task_metrics_and_predictions():
     stsb = glue.glue_metrics("stsb", [1, 2, 2, 3], [1, 3, 2, 4])
     assert stsb["combined_score"] == pytest.approx((stsb["pearson"] + stsb["spearman"]) / 2)
     assert set(glue.glue_metrics("rte", [0, 1], [0, 0])) == {"accuracy"}
+    assert glue.majority_share([1, 1, 1]) == 1.0 and glue.majority_share([0, 1, 1, 2]) == 0.5
     logits = np.array([[0.1, 2.0], [3.0, -1.0], [0.0, 0.5]])
     assert glue.predictions_from_logits("rte", logits).tolist() == [1, 0, 1]
     assert glue.predictions_from_logits("stsb", np.array([[0.5], [4.0]])).tolist() == [0.5, 4.0]
@@ -277,7 +278,8 @@ def test_flexlora_run_writes_everything_exports_and_resumes(tmp_path, tiny_deber
         assert (out / name).exists(), name
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000003", "step_00000006"]
     assert metrics["steps"] == 6 and metrics["task"] == "rte" and metrics["main_metric"] == "validation/accuracy"
-    assert set(metrics["final"]) == {"validation/accuracy"} and 0 <= metrics["final"]["validation/accuracy"] <= 1
+    assert set(metrics["final"]) == {"validation/accuracy", "validation/majority_share"}
+    assert 0 <= metrics["final"]["validation/accuracy"] <= 1 and 0.5 <= metrics["final"]["validation/majority_share"] <= 1
     assert [row["step"] for row in read_jsonl(out / "eval.jsonl")] == [3, 6]
     history = read_jsonl(out / "allocation.jsonl")
     assert {row["action"] for row in history} == {"prune", "expand"} and metrics["rank_changes"] == len(history)

@@ -168,7 +168,7 @@ def test_budget_rule_matches_parameter_counts(tiny_model_dir):
     from flexlora.training import build_method
 
     config = FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8, t_warmup=1, t_final=1, delta_t=1)
-    counts = {m: build_method(m, AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, 10, 1).parameter_count()
+    counts = {m: build_method(m, AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, 10).parameter_count()
               for m in ("flexlora", "lora", "adalora")}
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     shapes = [(m.in_features, m.out_features) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
@@ -271,7 +271,7 @@ def test_peft_checkpoint_round_trip_keeps_trained_heads(tiny_model_dir, tmp_path
     from flexlora.training import build_method
 
     config = FlexLoRAConfig(target_modules=["q_proj"], r=2, modules_to_save=["lm_head"])
-    method = build_method("lora", AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, 10, 1)
+    method = build_method("lora", AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, 10)
     trained = {n: p for n, p in method.model.named_parameters() if p.requires_grad}
     assert any(".modules_to_save." in n for n in trained) and any(".lora_B." in n for n in trained)
     with torch.no_grad():
