@@ -666,6 +666,10 @@ class AdaLoRAMethod(PeftMethod):
             task_type=task_type,
         )
         super().__init__(model, peft_config, "adalora")
+        if task_type is None:
+            # A PeftModel without a task type calls the base model directly, which skips AdaLoraModel.forward and with
+            # it AdaLoRA's orthogonal regulariser (peft 0.21): route the forward through the tuner instead.
+            self.model.forward = self.model.base_model.forward
         self._current = self.initial_ranks()
 
     def _tuner(self):

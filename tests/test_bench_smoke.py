@@ -116,7 +116,8 @@ def test_scaling_report(scaling):
 
 
 # ---- bench/quality.py: the sweep on MiniLM + a tiny random Llama, a few steps per run --------------------
-QUALITY_METHODS = ["FlexLoRA", "LoRA", "AdaLoRA"]
+ROWS = ["FlexLoRA r=8 (cap 12), mean_norm", "FlexLoRA r=8 (cap 12), eq2_sum", "LoRA r=8", "AdaLoRA 12->8",
+        "LoRA r=12 (equal capacity)", "FlexLoRA, allocation frozen"]
 
 
 @pytest.fixture(scope="module")
@@ -134,58 +135,54 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     report, _, _, out = quality
     check_well_formed(report)
     assert "`python -m bench.quality --smoke" in report
-    methods = table_with(report, "method", "STS-B pearson")
-    assert [row["method"] for row in methods] == QUALITY_METHODS
-    ranks = {row["method"]: number(row["final active rank"]) for row in methods}
-    assert len(set(ranks.values())) == 1, ranks  # same budget: same total active rank at the end
-    params = {row["method"]: int(row["adapter params"].replace(",", "")) for row in methods}
-    assert params["FlexLoRA"] == params["AdaLoRA"] > params["LoRA"]  # capacity 12 (+ lambda) vs rank 8
+    sweep = table_with(report, "method", "chosen")
+    assert [row["method"] for row in sweep] == ["lora", "adalora", "flexlora"]
+    assert all(re.fullmatch(r"x [12](\.0)?( \(grid edge\))?", row["chosen"]) for row in sweep)
+
+    methods = table_with(report, "row", "STS-B pearson")
+    assert [row["row"] for row in methods][:6] == ROWS
+    params = {row["row"]: int(row["adapter params"].replace(",", "")) for row in methods}
+    assert params[ROWS[0]] == params["AdaLoRA 12->8"] > params["LoRA r=8"]  # capacity 12 (+ lambda) vs rank 8
+    assert abs(params["LoRA r=12 (equal capacity)"] - params[ROWS[0]]) < 0.01 * params[ROWS[0]]
     assert all(-100 <= number(row["STS-B pearson"]) <= 100 for row in methods)
+    switches = report.split("## FlexLoRA switches")[1].split("##")[0]
+    assert f"| {ROWS[0]} | 1 |" in switches and "| importance=nuclear | 1 |" in switches
 
-    assert [row["importance"] for row in table_with(report, "importance", "final active rank")] == [
-        "entropy", "nuclear", "frobenius", "sensitivity", "elem", "mat"]
-    assert [row["init"] for row in table_with(report, "init", "final active rank")] == ["zero_impact", "small", "zero", "orthogonal"]
-    mode = {row["mode"]: number(row["final active rank"]) for row in table_with(report, "mode", "final active rank")}
-    assert mode["prune_only"] < mode["flex"] < mode["expand_only"]  # only flex keeps the budget
+    convergence = table_with(report, "task", "LoRA r=8: last-two gap per seed (points)")
+    assert [row["task"] for row in convergence] == ["STS-B"] and convergence[0]["converged (< 0.5)"] in ("yes", "no")
+    verdicts = table_with(report, "task", "FlexLoRA r=8 (cap 12) vs LoRA r=8")
+    assert [row["task"].split(" (")[0] for row in verdicts] == ["STS-B pearson", "GLUE average"]
+    assert all(re.match(r"(\*\*better\*\*|\*\*worse\*\*|within noise|equal) \(", row["FlexLoRA r=8 (cap 12) vs LoRA r=8"])
+               for row in verdicts)
 
-    lr = table_with(report, "method", "STS-B pearson, lr x 4")
-    assert [row["method"] for row in lr] == QUALITY_METHODS
-    assert [row["STS-B pearson, lr x 1"] for row in lr] == [row["STS-B pearson"] for row in methods]  # the same runs
-    orth = table_with(report, "method", "STS-B pearson, orth_reg_weight x 0")
-    assert [row["method"] for row in orth] == ["FlexLoRA", "AdaLoRA"]
-    assert [row["method"] for row in table_with(report, "method", "STS-B pearson, init_std x 2.5")] == ["FlexLoRA"]
+    allocation = {row["row"]: row for row in table_with(report, "task", "expansions pruned at the next step")}
+    moved = allocation[ROWS[0]]
+    assert int(moved["rank moves per run"]) > 0 and re.fullmatch(r"\d+ / \d+", moved["expansions pruned at the next step"])
+    assert allocation["FlexLoRA, allocation frozen"]["rank moves per run"] == "0"
+    assert all(1 <= number(moved[kind]) <= 12 for kind in "QKVAIO")
 
     commonsense = table_with(report, "method", "BoolQ")
-    assert [row["method"] for row in commonsense] == QUALITY_METHODS
+    assert [row["method"] for row in commonsense] == ["lora", "adalora", "flexlora"]
     assert all(0 <= number(row[c]) <= 100 for row in commonsense for c in ("BoolQ", "OBQA", "avg"))
-    verdicts = table_with(report, "task", "FlexLoRA vs LoRA")
-    assert [row["task"] for row in verdicts] == ["STS-B pearson", "commonsense avg"]
-    assert all(re.match(r"(\*\*better\*\*|\*\*worse\*\*|within noise) \(", row["FlexLoRA vs LoRA"]) for row in verdicts)
+    assert re.search(r"- `glue-stsb-lora-lr1x-s0`: 2:-?\d+\.\d 4:-?\d+\.\d", report)  # the curve of every run
 
-    where = table_with(report, "task", "seeds")
-    assert [(row["task"], row["method"]) for row in where] == [
-        ("STS-B", "FlexLoRA"), ("STS-B", "AdaLoRA"), ("commonsense", "FlexLoRA"), ("commonsense", "AdaLoRA")]
-    assert all(1 <= number(row["Q"]) <= 12 for row in where if row["task"] == "STS-B")  # between min_rank and capacity
-    for task in ("stsb", "commonsense"):
-        assert (out / "quality_smoke_heatmaps" / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"(quality_smoke_heatmaps/{task}.png)" in report
-
+    stored = sorted(p.name for p in (out / "quality_smoke_runs").iterdir())
     results = json.loads((out / "quality_smoke.json").read_text())["runs"]
     assert all(run["status"] == "ok" for run in results), [r for r in results if r["status"] != "ok"]
-    # methods, other metrics / modes / inits, lr x 4, orth x 0, init_std x 2.5, commonsense
-    assert len(results) == 3 + 5 + 2 + 3 + 3 + 2 + 1 + 3
+    # lr sweep 3 methods x 2; 6 methods-table rows at their chosen lr, 3 of them the sweep's runs; 1 switch; commonsense 3
+    assert len(results) == len(stored) == 6 + 3 + 1 + 3
+    assert all(run["commit"] and run["args"] and "output_dir" not in " ".join(run["args"]) for run in results)
 
 
 def test_quality_sweep_resumes_instead_of_rerunning(quality):
-    report, first, again, _ = quality
-    planned = len(table_with(report, "run", "status"))
-    assert f"{planned} runs: 0 already finished, {planned} to run" in first
-    assert f"{planned} runs: {planned} already finished, 0 to run" in again
+    _, first, again, _ = quality
+    assert "13 runs in all, 0 finished, 9 to run now and more once the lr sweep has chosen" in first
+    assert "13 runs in all, 13 finished, 0 to run now" in again
 
 
-def test_quality_verdicts_and_cells_by_hand():
+def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     sys.path.insert(0, str(ROOT))
-    from bench.quality import PROFILES, TABLES, cell, plan, verdict
+    from bench.quality import PROFILES, allocation_statistics, best_multiples, cell, plan, sweep_runs, verdict
 
     assert cell([]) == "-"
     assert cell([0.5]) == "50.0"
@@ -194,19 +191,35 @@ def test_quality_verdicts_and_cells_by_hand():
     assert verdict([0.70, 0.72], [0.80, 0.82]).startswith("**worse** (-10.0")
     assert verdict([0.70, 0.80], [0.74, 0.76]).startswith("within noise (+0.0")
     assert verdict([0.6], [0.5]) == "**better** (+10.0, one seed)"
+    assert verdict([0.5], [0.5]) == "equal (+0.0, one seed)"
     assert verdict([], [0.5]) == "not measured"
 
-    runs, tables = plan(PROFILES["cpu"], ROOT / "unused", [], [], set(TABLES))
-    ids = [run.id for run in runs]
-    # ablation defaults, lr x 1 and orth x 1 reuse the methods-table runs
-    assert len(ids) == len(set(ids)) == 4 * 3 * 3 + 10 * 2 + 3 * 2 + 2 * 2 + 2 + 3
-    default = "glue-stsb-flexlora-entropy-flex-zero_impact-s0"
-    assert default in tables["methods"][("stsb", "flexlora")] and default in tables["importance"][("stsb", "entropy")]
-    sensitivity = next(run for run in runs if run.id == "glue-stsb-flexlora-sensitivity-flex-zero_impact-s1")
-    assert {"adapter.importance=sensitivity", "train.seed=1", "adapter.seed=1", "method=flexlora"} <= set(sensitivity.argv)
-    fast = next(run for run in runs if run.id == "glue-stsb-lora-lr4x-s0")
-    assert "train.lr=0.0088" in fast.argv  # 4 x minilm_stsb.yaml's 2.2e-3
-    unregularised = next(run for run in runs if run.id == "glue-stsb-adalora-orth0x-s1")
-    assert "adapter.orth_reg_weight=0" in unregularised.argv
-    wider = next(run for run in runs if run.id == "glue-stsb-flexlora-entropy-flex-zero_impact-init_std2.5x-s0")
-    assert "adapter.init_std=0.05" in wider.argv  # minilm_stsb.yaml leaves init_std at FlexLoRAConfig's 0.02
+    profile = PROFILES["cpu"]
+    runs, tables, waiting = plan(profile, {})
+    assert len(runs) == 3 * 3 + 3 * 2 and len(waiting) == 6  # the sweep and commonsense; the rest waits for the sweep
+    # the sweep picks x 2 for FlexLoRA (its seed-0 STS-B run is reused), x 0.5 for LoRA and AdaLoRA
+    picked = {"lora": 0.5, "adalora": 0.5, "flexlora": 2.0}
+    results = {run.id: {"status": "ok", "scores": {"pearson": 0.8 if run.lr_multiple == picked[method] else 0.7}}
+               for method, sweep in sweep_runs(profile).items() for run in sweep}
+    assert best_multiples(profile, results) == picked
+    runs, tables, waiting = plan(profile, results)
+    assert not waiting and len(runs) == len({run.id for run in runs})
+    flex = tables["methods"][("FlexLoRA r=8 (cap 12), mean_norm", "stsb")]
+    assert flex[0] == "glue-stsb-flexlora-lr2x-s0" and len(flex) == 3  # seed 0 is the sweep's run
+    eq2 = next(run for run in runs if run.id == "glue-cola-flexlora-orth_regeq2_sum-lr2x-s1")
+    assert {"adapter.orth_reg=eq2_sum", "train.seed=1", "adapter.seed=1", "train.lr=0.0016"} <= set(eq2.args)  # 2 x 8e-4
+    lora12 = next(run for run in runs if run.id == "glue-mrpc-lora-r12-lr0.5x-s0")
+    assert {"adapter.r=12", "train.lr=0.0005", "train.batch_size=32", "train.max_steps=348"} <= set(lora12.args)
+    # 9 sweep + 6 commonsense + 3 tasks x (4 rows x 3 seeds + 2 single) - 3 sweep runs reused
+    assert len(runs) == 9 + 6 + 3 * 14 - 3
+
+    history = [  # expand at 10, pruned again at the next allocation step (20); the other expansion survives
+        {"step": 10, "module": "a.q_proj", "action": "expand"}, {"step": 10, "module": "a.v_proj", "action": "prune"},
+        {"step": 10, "module": "b.q_proj", "action": "expand"}, {"step": 10, "module": "b.v_proj", "action": "prune"},
+        {"step": 20, "module": "a.q_proj", "action": "prune"}, {"step": 20, "module": "b.v_proj", "action": "expand"},
+    ]
+    out = tmp_path
+    (out / "allocation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+    (out / "rank_pattern.json").write_text(json.dumps({"a.q_proj": 8, "b.q_proj": 9, "a.v_proj": 7, "b.v_proj": 8}))
+    stats = allocation_statistics(out)
+    assert stats["rank_moves"] == 6 and stats["expansions"] == 3 and stats["expansions_pruned_next"] == 1

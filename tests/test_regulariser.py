@@ -200,3 +200,15 @@ def test_eq2_sum_is_not_adalora_regulariser():
     _train(flex_model, lambda step: None, 1, 1.0)
     gap = max((layer.lora_P - ada_layers[name].lora_B["default"]).abs().max().item() for name, layer in adapters.layers.items())
     assert gap > 1e-3
+
+
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", None])
+def test_adalora_baseline_trains_with_its_regulariser_with_or_without_a_task_type(tokens, task_type):
+    from flexlora.training import build_method
+
+    config = FlexLoRAConfig(target_modules=TARGETS, r=4, orth_reg_weight=0.5)
+    method = build_method("adalora", make_tiny_llama(), config, 10, task_type=task_type)
+    inner = method.model.get_base_model()
+    with_regulariser = method.model(input_ids=tokens, labels=tokens).loss
+    without = inner(input_ids=tokens, labels=tokens).loss
+    assert with_regulariser.item() > without.item() + 0.01
