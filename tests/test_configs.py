@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-from flexlora.training import ConfigError, load_config, parse_cli
+from flexlora.recipe_kit.run_config import ConfigError, load_config, parse_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
@@ -17,11 +15,9 @@ CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("llama3_cr_recipe", REPO / "recipes" / "llama3_cr.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    from recipes import llama3_cr
+
+    return llama3_cr
 
 
 def test_there_are_configs():
@@ -107,3 +103,27 @@ def test_missing_or_non_mapping_config_file(recipe, tmp_path):
     listed.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping at the top level"):
         load_config(recipe.RecipeConfig, listed)
+
+
+def _run_recipe(script: str, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, f"recipes/{script}.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("script", ["llama3_cr", "deberta_glue", "vit_vtab"])
+def test_recipe_help_lists_the_config_keys(script):
+    shown = _run_recipe(script, "--help")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"usage: {script}.py --config <file.yaml> [key=value ...]" in shown.stdout
+    assert "  [train]" in shown.stdout and "    train.lr: float = " in shown.stdout
+    assert "    adapter.orth_reg: str = 'mean_norm'" in shown.stdout
+
+
+def test_a_user_error_is_one_line_and_exit_status_2():
+    bad = _run_recipe("llama3_cr", "--config", "recipes/configs/quickstart.yaml", "train.lr=fast")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert bad.stderr.strip().startswith("error: ") and "train.lr" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

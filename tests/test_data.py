@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flexlora.data import (
+from flexlora.recipe_kit.data.commonsense import (
     DataConfig,
     evaluation_prompt,
     load_rows,

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.commonsense import (
+from eval.commonsense import main
+from flexlora.recipe_kit.data.commonsense import evaluation_prompt, synthetic_rows
+from flexlora.recipe_kit.scoring import (
     ANSWER_PATTERNS,
     EvalConfig,
     attach_adapter,
@@ -16,10 +18,8 @@ from eval.commonsense import (
     evaluate,
     format_table,
     llm_adapters_task_config,
-    main,
     plan_tasks,
 )
-from flexlora.data import evaluation_prompt, synthetic_rows
 
 from tiny_models import build_tiny_model_dir
 

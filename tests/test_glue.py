@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexlora import glue
-from flexlora.training import resolve_model_location
+from flexlora.recipe_kit.data import glue
+from flexlora.recipe_kit.models import resolve_model_location
 
 GLUE_DIR = Path(os.environ.get("FLEXLORA_GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
 needs_glue_data = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"GLUE tsv files not found at {GLUE_DIR}")
@@ -183,22 +183,14 @@ def test_task_metrics_and_predictions():
 
 
 # ---- the recipe end to end -------------------------------------------------------------------------------
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "deberta_glue.py"
 OUTPUT_FILES = ["config.yaml", "adapter", "peft/adapter_config.json", "peft/adapter_model.safetensors", "rank_pattern.json",
                 "allocation.jsonl", "rank_heatmap.png", "train_log.jsonl", "eval.jsonl", "metrics.json", "tensorboard"]
 
 
 def _load_recipe():
-    """The recipe script as a module (registered under its own name, as recipes/vit_vtab.py imports it)."""
-    import importlib.util
-    import sys
+    from recipes import deberta_glue
 
-    if "deberta_glue" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("deberta_glue", RECIPE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["deberta_glue"] = module  # dataclasses resolve their annotations through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules["deberta_glue"]
+    return deberta_glue
 
 
 def _minilm_tokenizer_dir() -> Path:
@@ -268,7 +260,7 @@ def test_flexlora_run_writes_everything_exports_and_resumes(tmp_path, tiny_deber
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import flexlora
-    from flexlora.training import read_jsonl
+    from flexlora.recipe_kit.records import read_jsonl
 
     recipe = _load_recipe()
     config = _config_file(tmp_path, tiny_deberta_dir, "rte")
@@ -313,7 +305,7 @@ def test_flexlora_run_writes_everything_exports_and_resumes(tmp_path, tiny_deber
 def test_peft_baselines_on_stsb_regression(tmp_path, tiny_deberta_dir, method):
     from safetensors.torch import load_file
 
-    from flexlora.training import read_jsonl
+    from flexlora.recipe_kit.records import read_jsonl
 
     recipe = _load_recipe()
     config = _config_file(tmp_path, tiny_deberta_dir, "STS-B", eval={"every_n_steps": 0}, checkpoint={"every_n_steps": 0})
@@ -336,7 +328,7 @@ def test_peft_baselines_on_stsb_regression(tmp_path, tiny_deberta_dir, method):
 
 
 def test_config_errors_name_the_key(tmp_path, tiny_deberta_dir):
-    from flexlora.training import ConfigError
+    from flexlora.recipe_kit.run_config import ConfigError
 
     recipe = _load_recipe()
     config = _config_file(tmp_path, tiny_deberta_dir, "rte")
@@ -360,7 +352,7 @@ TABLE_8 = {
 
 @pytest.mark.parametrize("task", sorted(TABLE_8))
 def test_deberta_configs_follow_table_8(task):
-    from flexlora.training import load_config
+    from flexlora.recipe_kit.run_config import load_config
 
     recipe = _load_recipe()
     path = CONFIG_DIR / f"{task}.yaml"
@@ -376,7 +368,7 @@ def test_deberta_configs_follow_table_8(task):
 @pytest.mark.parametrize("task", ["cola", "mrpc", "rte", "stsb"])
 def test_minilm_configs_are_offline_and_move_ranks(task):
     from flexlora.schedule import ranks_to_move
-    from flexlora.training import load_config
+    from flexlora.recipe_kit.run_config import load_config
 
     recipe = _load_recipe()
     path = CONFIG_DIR / f"minilm_{task}.yaml"

@@ -21,14 +21,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def _load_recipe():
-    import importlib.util
-    import sys
+    from recipes import llama3_cr
 
-    spec = importlib.util.spec_from_file_location("llama3_cr_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return llama3_cr
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +160,7 @@ def test_budget_rule_matches_parameter_counts(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from flexlora import FlexLoRAConfig
-    from flexlora.training import build_method
+    from flexlora.recipe_kit.methods import build_method
 
     config = FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8, t_warmup=1, t_final=1, delta_t=1)
     counts = {m: build_method(m, AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, 10).parameter_count()
@@ -178,7 +173,7 @@ def test_budget_rule_matches_parameter_counts(tiny_model_dir):
 
 
 def test_bad_training_row_stops_the_recipe_with_its_index(recipe, tiny_model_dir, tmp_path):
-    from flexlora.data import synthetic_rows
+    from flexlora.recipe_kit.data.commonsense import synthetic_rows
 
     rows = synthetic_rows("synthetic_truefalse", 5, seed=0)
     rows[3]["output"] = ""
@@ -221,7 +216,7 @@ def test_model_loading_choices(tiny_model_dir):
 
     from transformers import AutoTokenizer
 
-    from flexlora.training import ensure_pad_token, resolve_attn_implementation, resolve_dtype, resolve_model_location
+    from flexlora.recipe_kit.models import ensure_pad_token, resolve_attn_implementation, resolve_dtype, resolve_model_location
 
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == torch.float32  # no bf16 on CPU: its backward is 15-55x slower there
@@ -248,7 +243,7 @@ def test_model_loading_choices(tiny_model_dir):
 
 
 def test_rank_timeline_replays_the_allocation_history():
-    from flexlora.training import rank_timeline, short_module_name
+    from flexlora.recipe_kit.records import rank_timeline, short_module_name
 
     history = [
         {"step": 3, "module": "model.layers.0.self_attn.q_proj", "rank_after": 1},
@@ -268,7 +263,7 @@ def test_peft_checkpoint_round_trip_keeps_trained_heads(tiny_model_dir, tmp_path
     from transformers import AutoModelForCausalLM
 
     from flexlora import FlexLoRAConfig
-    from flexlora.training import build_method
+    from flexlora.recipe_kit.methods import build_method
 
     config = FlexLoRAConfig(target_modules=["q_proj"], r=2, modules_to_save=["lm_head"])
     method = build_method("lora", AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, 10)

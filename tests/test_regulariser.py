@@ -204,7 +204,7 @@ def test_eq2_sum_is_not_adalora_regulariser():
 
 @pytest.mark.parametrize("task_type", ["CAUSAL_LM", None])
 def test_adalora_baseline_trains_with_its_regulariser_with_or_without_a_task_type(tokens, task_type):
-    from flexlora.training import build_method
+    from flexlora.recipe_kit.methods import build_method
 
     config = FlexLoRAConfig(target_modules=TARGETS, r=4, orth_reg_weight=0.5)
     method = build_method("adalora", make_tiny_llama(), config, 10, task_type=task_type)

@@ -88,7 +88,7 @@ def test_trainer_runs_the_allocator_out_of_the_box(tmp_path):
 
 
 def test_heatmap_labels_name_the_matrices_of_llama_bert_deberta_and_vit():
-    from flexlora.training import short_module_name
+    from flexlora.recipe_kit.records import short_module_name
 
     names = {
         "model.layers.3.self_attn.q_proj": "L3.Q",

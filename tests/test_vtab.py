@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flexlora import vtab
+from flexlora.recipe_kit.data import vtab
 
 
 def _image(path, color):
@@ -103,21 +103,12 @@ def test_top1_accuracy_by_hand():
 
 
 # ---- the recipe end to end -------------------------------------------------------------------------------
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _load_recipe():
-    """recipes/vit_vtab.py as a module; it imports the shared loop from recipes/deberta_glue.py by name."""
-    import importlib.util
-    import sys
+    from recipes import vit_vtab
 
-    for name in ("deberta_glue", "vit_vtab"):
-        if name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
-            spec.loader.exec_module(module)
-    return sys.modules["vit_vtab"]
+    return vit_vtab
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +160,7 @@ def test_recipe_runs_and_writes_everything(tmp_path, tiny_vit_dir, eurosat_root,
     from safetensors.torch import load_file
     from transformers import AutoModelForImageClassification
 
-    from flexlora.training import read_jsonl
+    from flexlora.recipe_kit.records import read_jsonl
 
     recipe = _load_recipe()
     metrics = recipe.main(["--config", str(_config_file(tmp_path, tiny_vit_dir, eurosat_root)), f"method={method}"])
@@ -198,7 +189,7 @@ def test_recipe_runs_and_writes_everything(tmp_path, tiny_vit_dir, eurosat_root,
 
 
 def test_protocol_and_unknown_task_are_checked(tmp_path, tiny_vit_dir, eurosat_root):
-    from flexlora.training import ConfigError
+    from flexlora.recipe_kit.run_config import ConfigError
 
     recipe = _load_recipe()
     config = _config_file(tmp_path, tiny_vit_dir, eurosat_root)
@@ -211,10 +202,10 @@ def test_protocol_and_unknown_task_are_checked(tmp_path, tiny_vit_dir, eurosat_r
 
 
 def test_shipped_config_follows_table_11():
-    from flexlora.training import load_config
+    from flexlora.recipe_kit.run_config import load_config
 
     recipe = _load_recipe()
-    path = RECIPES / "configs" / "vtab" / "vit_b16_in21k.yaml"
+    path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "vtab" / "vit_b16_in21k.yaml"
     assert "recipes/vit_vtab.py \\\n#     --config recipes/configs/vtab/vit_b16_in21k.yaml" in path.read_text()
     c = load_config(recipe.RecipeConfig, path)
     a, t = c.adapter, c.train

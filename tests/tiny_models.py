@@ -14,7 +14,7 @@ def build_tiny_model_dir(directory: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from flexlora.data import synthetic_rows, training_prompt
+    from flexlora.recipe_kit.data.commonsense import synthetic_rows, training_prompt
 
     corpus = [training_prompt(r) for task in ("synthetic_truefalse", "synthetic_choice") for r in synthetic_rows(task, 50, 0)]
     corpus += ["Please choose the correct solution ending option answer true false question sentence"]

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..records import read_jsonl
+
 FIELDS = ("instruction", "input", "output", "answer")
 MAX_REPORTED_ERRORS = 20
 _INDENT = " " * 16  # LLM-Adapters' templates are indented f-strings; the indent is part of the prompt text
@@ -93,18 +95,6 @@ def validate_rows(rows: Any, source: str, require_answer: bool = False) -> list[
         more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
         raise ValueError(f"{source}: {len(errors)} malformed row(s) of {len(rows)}:\n  {shown}{more}")
     return clean
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """One JSON object per line (blank lines skipped); a bad line is named by its number."""
-    rows = []
-    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_no} is not valid JSON: {e}") from e
-    return rows
 
 
 def read_json_rows(path: Path) -> Any:

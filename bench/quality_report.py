@@ -1,0 +1,237 @@
+"""The report of ``python -m bench.quality``: tables from the stored run results (see bench/quality.py)."""
+
+from __future__ import annotations
+
+import statistics
+
+from bench.common import markdown_table, provenance
+from bench.quality import (
+    CONVERGED_POINTS,
+    CR_TASKS,
+    GLUE_METRICS,
+    METHODS,
+    Profile,
+    Row,
+    Run,
+    best_multiples,
+    config_values,
+    full_plan_size,
+    is_done,
+    plan,
+)
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def cell(values: list[float]) -> str:
+    """x100, mean +- sample std over seeds ('-' when no run finished)."""
+    if not values:
+        return "-"
+    mean, std = mean_std([100 * v for v in values])
+    return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+
+def ok(results: dict[str, dict], run_ids: list[str]) -> list[dict]:
+    return [results[i] for i in run_ids if results.get(i, {}).get("status") == "ok"]
+
+
+def scores(results: dict[str, dict], run_ids: list[str], metric: str) -> list[float]:
+    return [r["scores"][metric] for r in ok(results, run_ids) if metric in r["scores"]]
+
+
+def verdict(flex: list[float], other: list[float]) -> str:
+    """Whether FlexLoRA's mean is above the other's by more than the larger seed std (else: within noise)."""
+    if not flex or not other:
+        return "not measured"
+    (f_mean, f_std), (o_mean, o_std) = mean_std(flex), mean_std(other)
+    diff = 100 * (f_mean - o_mean)
+    if f_std is None and o_std is None:
+        return f"{'**better**' if diff > 0 else '**worse**' if diff < 0 else 'equal'} ({diff:+.1f}, one seed)"
+    noise = 100 * max(s for s in (f_std, o_std) if s is not None)
+    if abs(diff) <= noise:
+        return f"within noise ({diff:+.1f}, std {noise:.1f})"
+    return f"{'**better**' if diff > 0 else '**worse**'} ({diff:+.1f}, std {noise:.1f})"
+
+
+def sweep_table(profile: Profile, results, tables) -> str:
+    metric = GLUE_METRICS[profile.sweep_task][1][0]
+    best = best_multiples(profile, results)
+    base = float(config_values(profile.glue_config.format(task=profile.sweep_task))["train"]["lr"])
+    header = ["method"] + [f"lr x {m:g} ({m * base:.2g})" for m in profile.lr_multiples] + ["chosen"]
+    rows = [[method] + [cell(scores(results, tables["sweep"][(method, m)], metric)) for m in profile.lr_multiples]
+            + [f"x {best[method]:g}" + (" (grid edge)" if best[method] in (min(profile.lr_multiples), max(profile.lr_multiples)) else "")
+               if method in best else "sweep not finished"] for method in METHODS]
+    return markdown_table(header, rows)
+
+
+def methods_table(profile: Profile, results, cells, rows: tuple[Row, ...], tasks) -> str:
+    header = ["row", "seeds", "adapter params"]
+    for task in tasks:
+        name, metrics = GLUE_METRICS[task]
+        header += [f"{name} {m}" for m in metrics]
+    header.append("avg (main metrics)")
+    body = []
+    for row in rows:
+        if (row.label, tasks[0]) not in cells:
+            continue
+        ids = [i for task in tasks for i in cells[(row.label, task)]]
+        done = ok(results, ids)
+        line = [row.label, len(ok(results, cells[(row.label, tasks[0])])),
+                f"{statistics.fmean(r['adapter_parameters'] for r in done):,.0f}" if done else "-"]
+        means = []
+        for task in tasks:
+            for k, metric in enumerate(GLUE_METRICS[task][1]):
+                values = scores(results, cells[(row.label, task)], metric)
+                line.append(cell(values))
+                if k == 0 and values:
+                    means.append(100 * statistics.fmean(values))
+        line.append(f"{statistics.fmean(means):.1f}" if len(means) == len(tasks) else "-")
+        body.append(line)
+    return markdown_table(header, body)
+
+
+def convergence_table(profile: Profile, results, cells) -> tuple[str, dict[str, bool]]:
+    """Per task: LoRA r=8's last-two-score gap per seed, the largest gap of any row, and whether every run of every
+    method predicted one class. Returns the table and task -> converged."""
+    lora = next(row for row in profile.rows if row.method == "lora" and not row.overrides)
+    converged, body = {}, []
+    for task in profile.glue_tasks:
+        if (lora.label, task) not in cells:
+            continue
+
+        def gaps(ids):
+            return [abs(r["curve"][-1][1] - r["curve"][-2][1]) * 100 for r in ok(results, ids) if len(r["curve"]) >= 2]
+
+        lora_gaps = gaps(cells[(lora.label, task)])
+        every = [r for row in profile.rows if (row.label, task) in cells for r in ok(results, cells[(row.label, task)])]
+        all_gaps = gaps([r["id"] for r in every])
+        one_class = bool(every) and all(r["scores"].get("majority_share", 0.0) >= 1.0 for r in every)
+        converged[task] = bool(lora_gaps) and len(lora_gaps) == len(lora.seeds) and max(lora_gaps) < CONVERGED_POINTS
+        body.append([GLUE_METRICS[task][0], ", ".join(f"{g:.2f}" for g in lora_gaps) or "-",
+                     f"{max(all_gaps):.2f}" if all_gaps else "-",
+                     "yes" if converged[task] else "no", "**yes: ranks nothing**" if one_class else "no"])
+    header = ["task", "LoRA r=8: last-two gap per seed (points)", "largest gap, any run", f"converged (< {CONVERGED_POINTS})",
+              "every run predicts one class"]
+    return markdown_table(header, body), converged
+
+
+def verdict_table(profile: Profile, results, cells, converged: dict[str, bool]) -> str:
+    flex = profile.rows[0]
+    others = [row for row in profile.rows[1:] if row.method in ("lora", "adalora")]
+    body = []
+    tasks = [task for task in profile.glue_tasks if (flex.label, task) in cells]
+    for task in tasks:
+        metric = GLUE_METRICS[task][1][0]
+        mine = scores(results, cells[(flex.label, task)], metric)
+        body.append([f"{GLUE_METRICS[task][0]} {metric}" + ("" if converged.get(task) else " (not converged)")]
+                    + [verdict(mine, scores(results, cells[(row.label, task)], metric)) if (row.label, task) in cells
+                       else "not measured" for row in others])
+
+    def averages(label):  # per seed, the mean over tasks of the main metric
+        per_seed = []
+        for position in range(len(flex.seeds)):
+            values = []
+            for task in tasks:
+                ids = cells.get((label, task), [])
+                done = ok(results, ids[position:position + 1])
+                if done:
+                    values.append(done[0]["scores"][GLUE_METRICS[task][1][0]])
+            if len(values) == len(tasks):
+                per_seed.append(statistics.fmean(values))
+        return per_seed
+
+    if tasks:
+        body.append(["GLUE average"] + [verdict(averages(flex.label), averages(row.label)) for row in others])
+    return markdown_table(["task", *[f"{flex.label.split(',')[0]} vs {row.label}" for row in others]], body)
+
+
+def allocation_table(results, cells, rows: tuple[Row, ...]) -> str:
+    body, kinds = [], []
+    for (label, task), ids in cells.items():
+        row = next(r for r in rows if r.label == label)
+        done = ok(results, ids)
+        if row.method == "lora" or not done:
+            continue
+        by_kind: dict[str, list[float]] = {}
+        for r in done:
+            for kind, rank in r["final_rank_by_kind"].items():
+                by_kind.setdefault(kind, []).append(rank)
+        kinds += [k for k in by_kind if k not in kinds]
+        expansions = sum(r["expansions"] for r in done)
+        body.append((GLUE_METRICS[task][0], label, len(done), statistics.fmean(r["rank_moves"] for r in done),
+                     f"{sum(r['expansions_pruned_next'] for r in done)} / {expansions}" if row.method == "flexlora" else "-", by_kind))
+    header = ["task", "row", "runs", "rank moves per run", "expansions pruned at the next step"] + kinds
+    return markdown_table(header, [[t, label, n, f"{moves:.0f}", again] + [f"{statistics.fmean(k[kind]):.2f}" if kind in k else "-" for kind in kinds]
+                                   for t, label, n, moves, again, k in body])
+
+
+def commonsense_table(results, cells) -> str:
+    header = ["method", "seeds", "items per task"] + [short for _, short in CR_TASKS] + ["avg"]
+    body = []
+    for method in METHODS:
+        done = ok(results, cells[method])
+        items = sorted({n for r in done for n in r.get("items_per_task", {}).values() if n})
+        averages = [statistics.fmean(r["scores"].values()) for r in done if r["scores"]]
+        body.append([method, len(done), ", ".join(map(str, items)) or "-"]
+                    + [cell(scores(results, cells[method], task)) for task, _ in CR_TASKS] + [cell(averages)])
+    averages = {m: [statistics.fmean(r["scores"].values()) for r in ok(results, cells[m]) if r["scores"]] for m in METHODS}
+    verdicts = markdown_table(["", "FlexLoRA vs LoRA", "FlexLoRA vs AdaLoRA"],
+                              [["commonsense avg", verdict(averages["flexlora"], averages["lora"]),
+                                verdict(averages["flexlora"], averages["adalora"])]])
+    return markdown_table(header, body) + "\n\n" + verdicts
+
+
+def curves_section(results, runs: list[Run]) -> str:
+    lines = [f"- `{run.id}`: " + " ".join(f"{step}:{100 * value:.1f}" for step, value in results[run.id]["curve"])
+             for run in runs if results.get(run.id, {}).get("status") == "ok" and results[run.id].get("curve")]
+    return "\n".join(lines) or "(none yet)"
+
+
+def report(profile_name: str, profile: Profile, command: str, results: dict[str, dict], wall_s: float,
+           loads: tuple[str, str], jobs: int, threads: int) -> str:
+    runs, tables, waiting = plan(profile, results)
+    done = [run for run in runs if is_done(run, results)]
+    planned, estimate = full_plan_size(profile)
+    finished_times = sorted(results[run.id]["finished"] for run in done)
+    parts = [
+        f"# Quality at equal budget: FlexLoRA vs PEFT LoRA / AdaLoRA (`--{profile_name}`)",
+        f"Profile: {profile.note}. Every cell is mean ± sample std over seeds, x 100. Same budget: r = 8 on every target "
+        "matrix (LoRA rank 8; FlexLoRA capacity 12 with 8 active; AdaLoRA init_r 12 -> target_r 8), same steps, "
+        "schedule and data; the lr is each method's best multiple of the task config's lr on the "
+        f"{GLUE_METRICS[profile.sweep_task][0]} sweep (validation split, seed 0).",
+        provenance(command, "cpu", wall_s, loads),
+        f"Runs: {len(done)} of {planned} finished ({estimate / 3600:.1f} h of run time estimated for all of them, "
+        f"{estimate / 3600 / max(jobs, 1):.1f} h of wall time at {jobs} at a time); "
+        f"{sum(results[run.id]['seconds'] for run in done) / 3600:.1f} h of run time summed over the finished runs"
+        + (f", finished between {finished_times[0]} and {finished_times[-1]}" if finished_times else "")
+        + f"; runs {jobs} at a time, {threads or 'the default number of'} torch thread(s) each."
+        + (f" Waiting for an lr sweep: {', '.join(waiting)}." if waiting else ""),
+        f"## lr sweep ({GLUE_METRICS[profile.sweep_task][0]} {GLUE_METRICS[profile.sweep_task][1][0]}, validation split, seed 0)",
+        sweep_table(profile, results, tables),
+    ]
+    failed = [r for r in results.values() if r.get("status") == "failed"]
+    if failed:
+        parts.append("**Failed runs:**\n\n" + "\n".join(f"- `{r['id']}`: {r['error']} (log {r['log']})" for r in failed))
+    tasks = [task for task in profile.glue_tasks]
+    convergence, converged = convergence_table(profile, results, tables["methods"])
+    parts += ["## GLUE: methods at equal budget (Table 1 layout)", methods_table(profile, results, tables["methods"], profile.rows, tasks),
+              "## Did the runs converge?", "Each run is scored every `eval.every_n_steps` and after its last step; a "
+              f"task counts as converged when LoRA r=8's last two scores differ by < {CONVERGED_POINTS} point in every "
+              "seed.", convergence,
+              "## Did FlexLoRA win?", "Better / worse only when the difference of means exceeds the larger seed std of "
+              "the two; with one seed on both sides there is no std and any difference counts.",
+              verdict_table(profile, results, tables["methods"], converged)]
+    if profile.ablations:
+        parts += ["## FlexLoRA switches (importance metric, prune / expand, expansion init; paper Tables 4-6)",
+                  methods_table(profile, results, {**tables["methods"], **tables["ablations"]}, (profile.rows[0], *profile.ablations),
+                                list(profile.ablation_tasks))]
+    parts += ["## Allocation: rank moves, re-pruned expansions, final rank per matrix kind (mean over layers and runs; "
+              "FlexLoRA starts every matrix at 8 active directions, AdaLoRA at 12)",
+              allocation_table(results, {**tables["methods"], **tables["ablations"]}, (*profile.rows, *profile.ablations)),
+              "## Commonsense reasoning (Table 2 layout, LLM-Adapters protocol, accuracy)", commonsense_table(results, tables["commonsense"]),
+              "## Validation curves (step:score x 100, every run)", curves_section(results, runs)]
+    return "\n\n".join(parts) + "\n"
+
+

@@ -1,0 +1,141 @@
+"""Running the runs of ``python -m bench.quality``: each recipe run in a fresh process, its small result file written
+as soon as it finishes (see bench/quality.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.quality import CR_TASKS, GLUE_METRICS, RECIPES, ROOT, Profile, Run, estimate_seconds, is_done, load_results, plan, sweep_runs
+from flexlora.recipe_kit.records import read_jsonl, short_module_name
+
+
+def _recipe_main(kind: str):
+    import importlib
+
+    return importlib.import_module(f"recipes.{RECIPES[kind].stem}").main
+
+
+def allocation_statistics(out: Path) -> dict:
+    """Rank moves, final rank per matrix kind and expansions pruned again at the next allocation step."""
+    history = read_jsonl(out / "allocation.jsonl") if (out / "allocation.jsonl").exists() else []
+    steps = sorted({row["step"] for row in history})
+    following = dict(zip(steps, steps[1:]))
+    pruned_at = {(row["module"], row["step"]) for row in history if row["action"] == "prune"}
+    expansions = [row for row in history if row["action"] == "expand"]
+    repruned = sum((row["module"], following.get(row["step"])) in pruned_at for row in expansions)
+    by_kind: dict[str, list[int]] = {}
+    for module, rank in json.loads((out / "rank_pattern.json").read_text()).items():
+        by_kind.setdefault(short_module_name(module).split(".", 1)[-1], []).append(rank)
+    return {"rank_moves": len(history), "expansions": len(expansions), "expansions_pruned_next": repruned,
+            "final_rank_by_kind": {kind: statistics.fmean(ranks) for kind, ranks in by_kind.items()}}
+
+
+def summarise(run: Run, out: Path) -> dict:
+    """What the tables need, from the recipe's outputs (fractions, as the recipe writes them)."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    summary = {"adapter_parameters": metrics["adapter_parameters"], "total_active_rank": metrics["total_active_rank"],
+               "train_seconds": metrics["train_seconds_this_run"], **allocation_statistics(out)}
+    if run.kind == "glue":
+        split = metrics["main_metric"].split("/")[0]
+        names = GLUE_METRICS[run.task][1] + ["majority_share"]
+        summary["scores"] = {name: metrics["final"][f"{split}/{name}"] for name in names if f"{split}/{name}" in metrics["final"]}
+        main = metrics["main_metric"]
+        summary["curve"] = [[row["step"], row[main]] for row in read_jsonl(out / "eval.jsonl")]
+    else:
+        results = metrics.get("eval", {}).get("llm-adapters")
+        if not results:
+            raise RuntimeError(f"{out / 'metrics.json'} has no llm-adapters evaluation (eval.enabled must stay true)")
+        summary["scores"] = {task: results[task]["accuracy"] for task, _ in CR_TASKS if task in results}
+        summary["items_per_task"] = {task: results[task].get("n") for task, _ in CR_TASKS if task in results}
+    return summary
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "no git"
+
+
+def execute(run: Run, out: Path, threads: int) -> dict:
+    """Run one recipe in this (fresh) process, its output in <out>/run.log; never raises."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    saved = os.dup(1), os.dup(2)
+    with open(out / "run.log", "w") as log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            _recipe_main(run.kind)([*run.args, f"output_dir={out}"])
+            result = {"status": "ok", **summarise(run, out)}
+        except BaseException as error:  # noqa: BLE001 - the sweep records the failure and goes on
+            traceback.print_exc()
+            result = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:500], "log": str(out / "run.log")}
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+    return {"id": run.id, "args": list(run.args), **result, "seconds": round(time.time() - started, 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit()}
+
+
+def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads: int) -> dict[str, dict]:
+    """Run every pending run, ``jobs`` at a time, planning again after each one (an lr sweep that finishes releases the
+    runs that use its choice); each finished run's result file is written at once."""
+    from tqdm.auto import tqdm
+
+    results = load_results(runs_dir)
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the fresh processes
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "peft", "accelerate", "flexlora.recipe_kit.train_setup"])
+    in_flight: dict[concurrent.futures.Future, Run] = {}
+    failed: set[str] = set()
+    bar = tqdm(desc="quality runs", unit="run")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        while True:
+            runs, _, _ = plan(profile, results)
+            busy = {run.id for run in in_flight.values()}
+            pending = [run for run in runs if not is_done(run, results) and run.id not in busy and run.id not in failed]
+            # lr sweeps first (they release the rest), then the longest runs, so the last minutes are not one job
+            sweeps = {run.id for sweep in sweep_runs(profile).values() for run in sweep}
+            pending.sort(key=lambda run: (run.id not in sweeps, -estimate_seconds(profile, run)))
+            bar.total = len([run for run in runs if is_done(run, results)]) + len(busy) + len(pending)
+            bar.refresh()
+            while pending and len(in_flight) < jobs:
+                run = pending.pop(0)
+                in_flight[pool.submit(execute, run, work_dir / run.id, threads)] = run
+            if not in_flight:
+                break
+            done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                run = in_flight.pop(future)
+                result = future.result()
+                if result["status"] == "ok":
+                    results[run.id] = result
+                    runs_dir.mkdir(parents=True, exist_ok=True)
+                    (runs_dir / f"{run.id}.json").write_text(json.dumps(result, indent=1) + "\n")
+                else:
+                    failed.add(run.id)
+                    results[run.id] = result
+                bar.update()
+                bar.write(f"{run.id}: {result['status']} in {result['seconds']:.0f} s"
+                          + (f" -- {result['error']} (log: {result['log']})" if result["status"] != "ok" else ""))
+    bar.close()
+    return results
+
+

@@ -1,0 +1,234 @@
+"""The optimizer-step loop every recipe runs (accumulation, clipping, the method's allocation step after each
+optimizer step, scalars, checkpoints, exact resume), and a recipe's start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .checkpoints import TRAINER_STATE, Checkpointer, load_optimizer, rng_state, save_optimizer, set_rng_state
+from .methods import AdapterMethod
+from .records import JsonLinesTracker, build_trackers, flat_config
+from .run_config import config_to_yaml, load_config, parse_cli
+
+log = logging.getLogger(__name__)
+
+
+def batches_per_process(examples: int, micro_batch_size: int, num_processes: int) -> int:
+    """Micro-batches each process sees per epoch: accelerate gives every process the same count, the last ones
+    filled up from the start of the epoch."""
+    return math.ceil(math.ceil(examples / micro_batch_size) / num_processes)
+
+
+def steps_per_epoch(batches_per_process: int, gradient_accumulation: int) -> int:
+    """Optimizer steps in one pass: a last, shorter accumulation still makes a step (accelerate syncs at the end
+    of a dataloader), so no example of the epoch goes unused."""
+    return math.ceil(batches_per_process / gradient_accumulation)
+
+
+class EpochPermutation(torch.utils.data.Sampler):
+    """Each epoch's order is a permutation seeded by (seed, epoch) alone, so a resumed run sees exactly the batches
+    of the uninterrupted one; ``set_epoch`` (called through accelerate's prepared loader) picks the epoch."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclass
+class TrainingRun:
+    """What the loop trains: the method and its prepared model, optimizer and per-step LR scheduler, the data."""
+
+    method: AdapterMethod
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    dataset: torch.utils.data.Dataset
+    collator: Callable
+    total_steps: int
+    num_workers: int = 0
+
+
+class TrainLoop:
+    """The loop every recipe runs: gradient accumulation, clipping, the method's allocation step after each
+    optimizer step, scalars (``accelerator.log``: JSON lines, TensorBoard, wandb; tqdm on the main process) and
+    checkpoints that resume exactly (adapter and rank masks, optimizer, LR scheduler, RNG, position in the epoch).
+
+    ``run_config`` is a recipe config with ``method``, ``train`` (a TrainConfig) and ``checkpoint`` sections.
+    """
+
+    def __init__(self, run_config, accelerator, run: TrainingRun, out: Path):
+        self.config = run_config
+        self.accelerator = accelerator
+        self.run_spec = run
+        self.method, self.model, self.optimizer, self.scheduler = run.method, run.model, run.optimizer, run.scheduler
+        self.total_steps = run.total_steps
+        self.out = Path(out)
+        self.checkpointer = Checkpointer(self.out / "checkpoints", run_config.checkpoint.keep_last, accelerator)
+        train = run_config.train
+        # Starting a DataLoader iterator draws a worker seed from its generator, by default the global one that
+        # dropout also uses; an own generator keeps a resumed run's dropout masks identical to the uninterrupted run's.
+        self.loader = accelerator.prepare(torch.utils.data.DataLoader(
+            run.dataset, batch_size=train.micro_batch_size, sampler=EpochPermutation(len(run.dataset), train.seed),
+            collate_fn=run.collator, num_workers=run.num_workers, generator=torch.Generator().manual_seed(train.seed)))
+        self.global_step, self.epoch, self.batches_done, self.last_loss = 0, 0, 0, float("nan")
+        self._step_loss = torch.zeros((), device=accelerator.device)  # this process's mean micro-batch loss, last step
+
+    def _run_identity(self) -> dict:
+        return {"method": self.config.method, "total_steps": self.total_steps, "examples": len(self.run_spec.dataset)}
+
+    def resume(self) -> bool:
+        """Restore the newest complete checkpoint when ``checkpoint.resume`` is on; True if one was restored."""
+        resume_from = self.checkpointer.latest() if self.config.checkpoint.resume else None
+        if resume_from is None:
+            return False
+        state = json.loads((resume_from / TRAINER_STATE).read_text())
+        written_by = {key: state[key] for key in self._run_identity()}
+        if written_by != self._run_identity():
+            raise ValueError(
+                f"{resume_from} was written by a different run (method {state['method']}, {state['total_steps']} steps, "
+                f"{state['examples']} examples); use another output_dir or checkpoint.resume=false"
+            )
+        self.method.load_checkpoint(resume_from, self.model)
+        load_optimizer(self.model, self.optimizer, resume_from / "optimizer.pt")
+        self.scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
+        set_rng_state(torch.load(resume_from / f"rng_{self.accelerator.process_index}.pt", weights_only=False))
+        self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
+        self.last_loss = state.get("loss", float("nan"))
+        log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume_from, self.global_step, self.epoch,
+                 self.batches_done)
+        for tracker in self.accelerator.trackers:
+            if isinstance(tracker, JsonLinesTracker):
+                tracker.trim(self.global_step)
+        return True
+
+    def save_checkpoint(self) -> None:
+        is_main = self.accelerator.is_main_process
+
+        def write(directory: Path) -> None:
+            self.method.save_checkpoint(directory, self.model, is_main)
+            save_optimizer(self.model, self.optimizer, directory / "optimizer.pt", is_main)
+            if is_main:
+                torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+            torch.save(rng_state(), directory / f"rng_{self.accelerator.process_index}.pt")
+
+        trainer_state = {"global_step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done,
+                         "loss": self.last_loss, **self._run_identity()}
+        log.info("checkpoint %s", self.checkpointer.save(self.global_step, write, trainer_state))
+
+    def _reduce_loss(self) -> None:
+        """The last step's loss, averaged over processes: a collective, so only where every process does it."""
+        self.last_loss = self.accelerator.reduce(self._step_loss, reduction="mean").item()
+
+    def _log_step(self, changes: list[dict], grad_norm) -> None:
+        # (AdaLoRA's loss includes PEFT's orthogonal regulariser, which its forward adds; FlexLoRA's penalty enters
+        # the gradient only and is logged on its own as orth_penalty.)
+        scalars = {"epoch": self.epoch, "loss": self.last_loss, "lr": self.scheduler.get_last_lr()[0], **self.method.scalars(),
+                   "rank_changes": float(len(changes))}
+        if grad_norm is not None:  # DeepSpeed clips inside its own step and returns no norm
+            scalars["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        self.accelerator.log(scalars, step=self.global_step)
+
+    def run(self, on_step: Callable[[int], None] | None = None) -> float:
+        """Train up to ``total_steps``. ``on_step(step)`` runs after every optimizer step, before that step's
+        checkpoint (evaluations go there). Returns the seconds spent training, ``on_step``'s time excluded."""
+        accelerator, train = self.accelerator, self.config.train
+        progress = tqdm(total=self.total_steps, initial=self.global_step, desc=self.config.method,
+                        disable=not accelerator.is_main_process, dynamic_ncols=True)
+        max_norm = train.max_grad_norm or math.inf
+        started, hook_seconds = time.time(), 0.0
+        self.model.train()
+        step_loss, step_batches = torch.zeros((), device=accelerator.device), 0
+        while self.global_step < self.total_steps:
+            self.loader.set_epoch(self.epoch)
+            loader = accelerator.skip_first_batches(self.loader, self.batches_done) if self.batches_done else self.loader
+            for batch in loader:
+                with accelerator.accumulate(self.model):
+                    loss = self.model(**batch).loss
+                    accelerator.backward(loss)
+                    step_loss += loss.detach()
+                    step_batches += 1
+                    self.batches_done += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+                    self.optimizer.step()
+                    # after optimizer.step, before zero_grad: sensitivity-based scores read the live gradients
+                    changes = self.method.step(self.global_step + 1, self.optimizer)
+                    self.scheduler.step()
+                    self.optimizer.zero_grad()
+                self.global_step += 1
+                self._step_loss = step_loss / step_batches
+                step_loss, step_batches = torch.zeros((), device=accelerator.device), 0
+                progress.update(1)
+                last = self.global_step == self.total_steps
+                every = self.config.checkpoint.every_n_steps
+                checkpoint_due = last or (every and self.global_step % every == 0)
+                log_due = self.global_step % train.log_every == 0 or last or changes
+                if log_due or checkpoint_due:  # the same decision on every process
+                    self._reduce_loss()
+                if log_due:
+                    self._log_step(changes, grad_norm)
+                    progress.set_postfix(loss=f"{self.last_loss:.4f}", rank=int(self.method.scalars()["active_rank_total"]))
+                if on_step is not None:
+                    hook_started = time.time()
+                    on_step(self.global_step)
+                    hook_seconds += time.time() - hook_started
+                # The last step is checkpointed too, so rerunning a finished run only re-saves (and re-scores) it.
+                if checkpoint_due:
+                    self.save_checkpoint()
+                if self.global_step >= self.total_steps:
+                    break
+            else:
+                self.epoch, self.batches_done = self.epoch + 1, 0
+        progress.close()
+        return time.time() - started - hook_seconds
+
+
+def start_run(config_class: type, argv: list[str] | None, recipe_log: logging.Logger):
+    """A recipe's first lines: (config, accelerator, output folder). Reads ``--config file.yaml key=value ...`` (argv,
+    or the command line), builds the accelerator with the config's trackers, sets up logging, writes the resolved
+    config to the folder."""
+    from flexlora.accelerate_setup import build_accelerator
+
+    config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv, config_class, Path(sys.argv[0]).name)
+    config = load_config(config_class, config_path, overrides)
+    out = Path(config.output_dir)
+    accelerator = build_accelerator(log_with=build_trackers(out, config.logging))
+    setup_logging(accelerator.is_main_process)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_to_yaml(config))
+        recipe_log.info("resolved config (%s + %s):\n%s", config_path, overrides or "no overrides", config_to_yaml(config))
+    accelerator.init_trackers(config.logging.wandb_project, config=flat_config(dataclasses.asdict(config)))
+    recipe_log.info("%d process(es), distributed type %s, device %s", accelerator.num_processes,
+                    accelerator.distributed_type.value, accelerator.device)
+    return config, accelerator, out
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )

@@ -1,0 +1,100 @@
+"""The set-up and save sequence every recipe shares, around its own data, model and evaluation:
+budget -> method -> optimizer -> ``accelerator.prepare`` -> LR schedule -> loop, and at the end the adapter, its PEFT
+export, rank pattern, allocation history and heatmap."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from accelerate.utils import DistributedType
+from transformers import get_scheduler
+
+from .loop import TrainingRun, TrainLoop, batches_per_process, steps_per_epoch
+from .methods import AdapterMethod, build_method
+from .records import plot_rank_heatmap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Training:
+    loop: TrainLoop
+    method: AdapterMethod
+    model: nn.Module  # prepared (wrapped / sharded)
+    adapter_parameters: int
+    total_steps: int
+
+
+def refuse_unsupported_engine(config, accelerator) -> None:
+    """The recipes run on one process, DDP or FSDP2; PEFT's AdaLoRA baseline not under FSDP."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("the recipes run on one process, DDP or FSDP2 (accelerate_configs/fsdp2.yaml, ddp.yaml, cpu*.yaml), "
+                         "not DeepSpeed, whose engine keeps the optimizer state the recipes' checkpoints save")
+    if config.method == "adalora" and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("method=adalora cannot run under FSDP: PEFT's AdaLoRA allocator reads whole, unsharded A/E/B tensors "
+                         "and gradients. Run the AdaLoRA baseline with accelerate_configs/ddp.yaml (or one process).")
+
+
+def build_training(config, accelerator, model: nn.Module, dataset, collator: Callable, task_type: str | None,
+                   out: Path, num_workers: int = 0) -> Training:
+    """Adapt ``model`` with ``config.method`` under the budget rule and make the loop that trains it.
+
+    ``config`` has the recipe sections method, adapter, train and checkpoint. The number of optimizer steps comes from
+    the data (``train.epochs``) unless ``train.max_steps`` is set.
+    """
+    refuse_unsupported_engine(config, accelerator)
+    train = config.train
+    accumulation = train.gradient_accumulation(accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = accumulation
+    batches = batches_per_process(len(dataset), train.micro_batch_size, accelerator.num_processes)
+    per_epoch = steps_per_epoch(batches, accumulation)
+    total_steps = train.max_steps or train.epochs * per_epoch
+    warmup = train.warmup_for(total_steps)
+    log.info("%d training examples, %d micro-batches of %d per process per epoch, gradient accumulation %d -> "
+             "%d optimizer steps per epoch, %d in total (%d warmup)",
+             len(dataset), batches, train.micro_batch_size, accumulation, per_epoch, total_steps, warmup)
+
+    method = build_method(config.method, model, config.adapter, total_steps, task_type=task_type)
+    params = method.parameter_count()
+    trained_extra = sum(p.numel() for n, p in method.model.named_parameters() if p.requires_grad and ".lora_" not in n)
+    log.info("method %s: %s adapter parameters allocated (+%s in trained heads), %d target matrices, total active rank %d",
+             config.method, f"{params:,}", f"{trained_extra:,}", len(method.initial_ranks()), sum(method.ranks().values()))
+    optimizer = torch.optim.AdamW([p for p in method.model.parameters() if p.requires_grad], lr=train.lr,
+                                  weight_decay=train.weight_decay)
+    prepared, optimizer = accelerator.prepare(method.model, optimizer)  # one call: FSDP2 shards model and optimizer together
+    # Stepped once per optimizer step by hand: accelerate's prepared scheduler steps once per process.
+    scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    run = TrainingRun(method, prepared, optimizer, scheduler, dataset, collator, total_steps, num_workers)
+    return Training(TrainLoop(config, accelerator, run, out), method, prepared, params, total_steps)
+
+
+def save_outputs(training: Training, out: Path, is_main: bool, title: str) -> dict[str, int]:
+    """The adapter (and its PEFT form), rank_pattern.json, allocation.jsonl and rank_heatmap.png; returns the rank
+    pattern. Every process calls it (saving a sharded model is collective)."""
+    method = training.method
+    rank_pattern = method.save_final(out, training.model, is_main)
+    if is_main:
+        (out / "rank_pattern.json").write_text(json.dumps(rank_pattern, indent=2))
+        method.write_history(out / "allocation.jsonl")
+        plot_rank_heatmap(method.initial_ranks(), method.history(), training.total_steps, out / "rank_heatmap.png", title=title)
+    return rank_pattern
+
+
+def run_metrics(training: Training, train_seconds: float) -> dict:
+    """What every recipe's metrics.json starts with."""
+    method, loop = training.method, training.loop
+    return {
+        "method": loop.config.method,
+        "adapter_parameters": training.adapter_parameters,
+        "steps": loop.global_step,
+        "final_loss": loop.last_loss,
+        "train_seconds_this_run": round(train_seconds, 1),
+        "total_active_rank": sum(method.ranks().values()),
+        "rank_changes": len(method.history()),
+    }

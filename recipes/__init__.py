@@ -1,0 +1,1 @@
+"""Runnable training recipes (``accelerate launch recipes/<name>.py --config ...``); importable for tests and bench."""
