@@ -140,7 +140,8 @@ PROFILES = {
             "mrpc": {**_schedule(348, 58), "train.batch_size": 32, "train.micro_batch_size": 32},  # 3,668 rows: 3 epochs
         },
         glue_common={"data.max_train_samples": "null", "data.max_eval_samples": "null", "checkpoint.every_n_steps": 0},
-        sweep_task="stsb", lr_multiples=(0.5, 1.0, 2.0),
+        # x 4 was added after the first three: AdaLoRA and FlexLoRA were best at x 2, the top of the grid
+        sweep_task="stsb", lr_multiples=(0.5, 1.0, 2.0, 4.0),
         rows=_main_rows((0, 1, 2), (0,)), ablations=(), ablation_tasks=(),
         cr_config="recipes/configs/quickstart.yaml",
         cr_overrides={"eval.limit": 50, "checkpoint.every_n_steps": 0},

@@ -40,7 +40,7 @@ LLAMA3 = {  # published shapes of the two models the paper's commonsense experim
                        num_key_value_heads=8, vocab_size=128256),
 }
 WORLDS = (8, 64)  # one 8-GPU node, and eight of them
-SYNTHETIC_D = 8
+SYNTHETIC_D = 8  # smallest matrix side; a matrix is never smaller than its capacity R (inject refuses that)
 AGREEMENT_BYTES = 16  # assert_same_decision: one all-reduce of two int64
 
 
@@ -65,11 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---- A: measured decision / allocation cost ------------------------------------------------------------
 def synthetic_allocator(n: int, capacity: int, schedule: Schedule):
-    """N FlexLoRA layers of d x d with random lambda, r = 2/3 capacity active, and live AdamW state."""
+    """N FlexLoRA layers of d x d, d = max(8, R), with random lambda, r = 2/3 capacity active, and live AdamW state."""
     from flexlora import FlexLoRAConfig, RankAllocator, inject
 
     torch.manual_seed(0)
-    holder = torch.nn.ModuleDict({f"m{i}": torch.nn.Linear(SYNTHETIC_D, SYNTHETIC_D, bias=False) for i in range(n)})
+    side = max(SYNTHETIC_D, capacity)
+    holder = torch.nn.ModuleDict({f"m{i}": torch.nn.Linear(side, side, bias=False) for i in range(n)})
     config = FlexLoRAConfig(
         target_modules=r"m\d+", r=capacity * 2 // 3, max_rank=capacity, b0=schedule.b0, delta_t=schedule.delta_t,
         t_warmup=schedule.t_warmup, t_final=schedule.t_final, total_steps=schedule.total_steps,
@@ -181,7 +182,7 @@ def report(args, measured, comm, wall_s, loads, command) -> str:
     out = ["# FlexLoRA allocator scaling", "", provenance(command, "cpu", wall_s, loads), ""]
     out += [
         "## A. Allocation cost vs number of matrices N and capacity R (measured)", "",
-        f"Synthetic FlexLoRA layers of {SYNTHETIC_D} x {SYNTHETIC_D} with random lambda, r = 2R/3 active, AdamW "
+        f"Synthetic FlexLoRA layers of d x d, d = max({SYNTHETIC_D}, R), with random lambda, r = 2R/3 active, AdamW "
         f"state; one process; b0 = {Schedule(1).b0} prunes and {Schedule(1).b0} expands per step; median of {args.reps} "
         f"steps (after one dropped warm-up), timed in {'process CPU time' if args.clock == 'cpu' else 'wall time'} "
         f"with {torch.get_num_threads()} intra-op thread(s). 'gather' stacks lambda and the masks into [N, R] (no collective in one "

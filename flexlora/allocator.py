@@ -84,6 +84,7 @@ class RankAllocator:
         self.config = config or adapters.config
         self.names = adapters.names
         self.layers: list[FlexLoRALayer] = list(adapters.layers.values())
+        self._check_budget()
         self.history: list[RankChange] = []
         self.collectives_last_step = 0
         self.sensitivity = (
@@ -94,6 +95,19 @@ class RankAllocator:
         # Checked again at the first step: the allocator may be built before accelerator.prepare shards the model.
         distributed.check_allocation_support(adapters.model, self.layers, self.config)
         self._support_checked_after_prepare = False
+
+    def _check_budget(self) -> None:
+        """Refuse a b0 no allocation step can honour, instead of quietly moving fewer ranks than asked at every step.
+        flex prunes b matrices and expands b others (2 b0 <= N); prune_only / expand_only touch b matrices (b0 <= N)."""
+        n, b0 = len(self.layers), self.config.b0
+        if self.config.mode == "flex" and 2 * b0 > n:
+            raise ValueError(
+                f"b0={b0} is more than half the N={n} adapted matrices: each allocation step prunes b(t) <= b0 matrices "
+                f"and expands b(t) others, so 2 * b0 <= N; lower b0 to at most {n // 2} (b0=0 trains with allocation "
+                "frozen) or adapt more modules"
+            )
+        if b0 > n:
+            raise ValueError(f"b0={b0} is more than the N={n} adapted matrices (mode={self.config.mode}); lower b0 to at most {n}")
 
     # ---- decision -------------------------------------------------------------------------------------
     def _slot_sensitivity(self) -> torch.Tensor:
@@ -201,7 +215,10 @@ class RankAllocator:
         budget, decision = self.decide(global_step)
         if not decision:
             return []
-        distributed.assert_same_decision([(a, i, s) for a, i, s, _ in decision], self.layers[0].rank_mask.device)
+        touched = [self.layers[i] for i in dict.fromkeys(i for _, i, _, _ in decision)]
+        finite = all(bool(torch.isfinite(piece.values).all())
+                     for layer in touched for t in (layer.lora_P, layer.lora_Q) for piece in distributed.value_pieces(t))
+        distributed.assert_same_decision([(a, i, s) for a, i, s, _ in decision], self.layers[0].rank_mask.device, global_step, finite)
         self.collectives_last_step += int(distributed.is_distributed())
         changes = []
         for action, index, slot, score in decision:

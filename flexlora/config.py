@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,65 @@ EXPAND_INITS = ("zero_impact", "small", "zero", "orthogonal")
 SCHEDULES = ("paper", "constant")
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 ORTH_REG_FORMS = ("mean_norm", "eq2_sum")  # see flexlora.regulariser
+
+
+class InvalidConfigError(ValueError):
+    """A FlexLoRAConfig that cannot run. ``problems`` holds one message per problem, each starting with the field it
+    names (so a recipe can prefix its section: ``adapter.r must be ...``)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid FlexLoRAConfig:\n  - " + "\n  - ".join(self.problems))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _int_problem(name: str, value: Any, minimum: int) -> str | None:
+    if not _is_int(value) or value < minimum:
+        return f"{name} must be an integer >= {minimum}, got {value!r}"
+    return None
+
+
+def _number_problem(name: str, value: Any, low: float, low_inclusive: bool, high: float | None = None) -> str | None:
+    """None when ``value`` is a finite real number in the range (``high`` exclusive); else the message."""
+    if high is None:
+        wanted = f"a finite number {'>=' if low_inclusive else '>'} {low:g}"
+    else:
+        wanted = f"a number in {'[' if low_inclusive else '('}{low:g}, {high:g})"
+    if not _is_number(value) or not math.isfinite(value):
+        return f"{name} must be {wanted}, got {value!r}"
+    if (value < low if low_inclusive else value <= low) or (high is not None and value >= high):
+        return f"{name} must be {wanted}, got {value!r}"
+    return None
+
+
+def _module_names_problem(name: str, value: Any, regex_allowed: bool) -> str | None:
+    """target_modules (a list of names or one regex) / modules_to_save (a list of names): the message, or None."""
+    if isinstance(value, str):
+        if not regex_allowed:
+            return f"{name} must be a list of module names (e.g. [{value.strip() or 'classifier'!r}]), got the string {value!r}"
+        if not value.strip():
+            return f"{name} is empty: name the modules to adapt (e.g. ['q_proj', 'v_proj']) or give a regex"
+        try:
+            re.compile(value)
+        except re.error as error:
+            return f"{name} {value!r} is not a valid regular expression: {error}"
+        return None
+    if not isinstance(value, list):
+        kind = "a list of module names or a regex string" if regex_allowed else "a list of module names"
+        return f"{name} must be {kind}, got {value!r}"
+    if not value and regex_allowed:
+        return f"{name} is empty: name the modules to adapt (e.g. ['q_proj', 'v_proj']) or give a regex"
+    bad = [entry for entry in value if not isinstance(entry, str) or not entry.strip()]
+    if bad:
+        return f"{name} entries must be non-empty module names (strings), got {bad!r} in {value!r}"
+    return None
 
 
 @dataclass
@@ -58,48 +119,53 @@ class FlexLoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
-        if self.max_rank is None:
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
+        if self.max_rank is None and _is_int(self.r):  # a bad r is reported by validate(), not by this arithmetic
             self.max_rank = math.ceil(1.5 * self.r)
         self.validate()
 
     def validate(self) -> None:
-        errors = []
-        if not self.target_modules:
-            errors.append("target_modules is empty: name the modules to adapt (e.g. ['q_proj', 'v_proj']) or give a regex")
-        if not isinstance(self.target_modules, (str, list)) or (
-            isinstance(self.target_modules, list) and not all(isinstance(t, str) for t in self.target_modules)
-        ):
-            errors.append(f"target_modules must be a list of names or a regex string, got {self.target_modules!r}")
-        if not isinstance(self.r, int) or self.r < 1:
-            errors.append(f"r must be an integer >= 1, got {self.r!r}")
-        elif not isinstance(self.max_rank, int) or self.max_rank < self.r:
-            errors.append(f"max_rank must be an integer >= r ({self.r}), got {self.max_rank!r}")
-        if not isinstance(self.min_rank, int) or not 0 <= self.min_rank <= (self.r if isinstance(self.r, int) else 0):
-            errors.append(f"min_rank must be an integer in [0, r={self.r}], got {self.min_rank!r}")
-        if not self.lora_alpha > 0:
-            errors.append(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            errors.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        for name in ("b0", "t_warmup", "t_final"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                errors.append(f"{name} must be an integer >= 0, got {value!r}")
-        if not isinstance(self.delta_t, int) or self.delta_t < 1:
-            errors.append(f"delta_t must be an integer >= 1, got {self.delta_t!r}")
-        if self.total_steps is not None:
-            if not isinstance(self.total_steps, int) or self.total_steps < 1:
-                errors.append(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
-            elif isinstance(self.t_final, int) and self.t_final >= self.total_steps:
-                errors.append(f"t_final ({self.t_final}) must be smaller than total_steps ({self.total_steps})")
-        if not self.orth_reg_weight >= 0:
-            errors.append(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        if not self.init_std > 0:
-            errors.append(f"init_std must be > 0, got {self.init_std!r}")
-        if not self.entropy_eps > 0:
-            errors.append(f"entropy_eps must be > 0, got {self.entropy_eps!r}")
-        for name in ("sensitivity_beta1", "sensitivity_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                errors.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        """Raise InvalidConfigError listing every problem. Types are checked before any comparison, bool is not an
+        integer, and numbers must be finite."""
+        problems = [
+            _module_names_problem("target_modules", self.target_modules, regex_allowed=True),
+            _module_names_problem("modules_to_save", self.modules_to_save, regex_allowed=False),
+        ]
+        r_ok = _is_int(self.r) and self.r >= 1
+        if not r_ok:
+            problems.append(f"r must be an integer >= 1, got {self.r!r}")
+        elif not _is_int(self.max_rank) or self.max_rank < self.r:
+            problems.append(f"max_rank must be an integer >= r ({self.r}), got {self.max_rank!r}")
+        if not _is_int(self.min_rank) or self.min_rank < 0 or (r_ok and self.min_rank > self.r):
+            problems.append(f"min_rank must be an integer in [0, r={self.r!r}], got {self.min_rank!r}")
+        problems += [
+            _number_problem("lora_alpha", self.lora_alpha, 0.0, low_inclusive=False),
+            _number_problem("lora_dropout", self.lora_dropout, 0.0, low_inclusive=True, high=1.0),
+            _int_problem("b0", self.b0, 0),
+            _int_problem("t_warmup", self.t_warmup, 0),
+            _int_problem("t_final", self.t_final, 0),
+            _int_problem("delta_t", self.delta_t, 1),
+            None if self.total_steps is None else _int_problem("total_steps", self.total_steps, 1),
+            None if _is_int(self.seed) else f"seed must be an integer, got {self.seed!r}",
+            _number_problem("orth_reg_weight", self.orth_reg_weight, 0.0, low_inclusive=True),
+            _number_problem("init_std", self.init_std, 0.0, low_inclusive=False),
+            _number_problem("small_init_value", self.small_init_value, 0.0, low_inclusive=False),
+            _number_problem("entropy_eps", self.entropy_eps, 0.0, low_inclusive=False),
+            _number_problem("sensitivity_beta1", self.sensitivity_beta1, 0.0, low_inclusive=True, high=1.0),
+            _number_problem("sensitivity_beta2", self.sensitivity_beta2, 0.0, low_inclusive=True, high=1.0),
+        ]
+        steps_ok = all(_is_int(v) and v >= 0 for v in (self.b0, self.t_warmup, self.t_final))
+        if steps_ok and _is_int(self.total_steps) and self.total_steps >= 1:
+            last = self.total_steps - self.t_final  # allocation steps are t_warmup <= t <= total_steps - t_final
+            if self.t_final >= self.total_steps:
+                problems.append(f"t_final ({self.t_final}) must be smaller than total_steps ({self.total_steps})")
+            elif self.b0 > 0 and self.t_warmup > last:
+                problems.append(
+                    f"t_warmup ({self.t_warmup}) is after total_steps - t_final ({self.total_steps} - {self.t_final} = "
+                    f"{last}): no allocation step would ever run and no rank would move; lower t_warmup (or t_final), "
+                    "or set b0=0 to train with allocation frozen"
+                )
         for name, allowed in (
             ("importance", IMPORTANCE_METRICS),
             ("mode", MODES),
@@ -108,23 +174,31 @@ class FlexLoRAConfig:
             ("adapter_dtype", ADAPTER_DTYPES),
             ("orth_reg", ORTH_REG_FORMS),
         ):
-            if getattr(self, name) not in allowed:
-                errors.append(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if errors:
-            raise ValueError("invalid FlexLoRAConfig:\n  - " + "\n  - ".join(errors))
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                problems.append(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        problems = [p for p in problems if p is not None]
+        if problems:
+            raise InvalidConfigError(problems)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "FlexLoRAConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(str(k) for k in values if k not in known)  # yaml keys may be numbers, not only strings
         if unknown:
             raise ValueError(f"unknown FlexLoRAConfig field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
         return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "FlexLoRAConfig":
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            text = Path(path).read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid yaml: {error}".replace("<unicode string>", str(path))) from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of FlexLoRAConfig fields, got {type(values).__name__}")
         return cls.from_dict(values)

@@ -310,14 +310,21 @@ def check_allocation_support(model: torch.nn.Module, layers: list, config) -> No
         )
 
 
-def assert_same_decision(decision: list[tuple], device: torch.device) -> None:
-    """Raise if any process reached a different allocation decision (one tiny all-reduce)."""
+def assert_same_decision(decision: list[tuple], device: torch.device, step: int, finite: bool = True) -> None:
+    """Raise if any process reached a different allocation decision, or found non-finite values (``finite`` False)
+    in the P / Q rows it holds of the matrices the decision touches: one tiny all-reduce, the same on every process."""
     if not is_distributed():
+        if not finite:
+            raise FloatingPointError(f"step {step}: P or Q of a matrix this allocation touches holds NaN or inf")
         return
-    digest = hashlib.sha256(repr(decision).encode()).digest()[:7]
-    value = torch.tensor([int.from_bytes(digest, "little")], dtype=torch.int64, device=comm_device(device))
+    # A 7-byte digest is never 0; 0 marks a process that found non-finite P / Q, so every process sees it in the min.
+    digest = int.from_bytes(hashlib.sha256(repr(decision).encode()).digest()[:7], "little") or 1 if finite else 0
+    value = torch.tensor([digest], dtype=torch.int64, device=comm_device(device))
     both = torch.cat([value, -value])  # min of both halves gives the smallest and the largest digest
     dist.all_reduce(both, op=dist.ReduceOp.MIN)
+    if both[0].item() == 0:
+        raise FloatingPointError(f"step {step}: P or Q of a matrix this allocation touches holds NaN or inf (found on "
+                                 f"{'this' if not finite else 'another'} process, rank {dist.get_rank()})")
     if both[0].item() != value.item() or -both[1].item() != value.item():
         raise RuntimeError(
             f"rank {dist.get_rank()}: allocation decision differs across processes ({decision}); "

@@ -20,6 +20,14 @@ def _matches(name: str, targets: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a Linear or a transformers Conv1D (whose weight is stored [d_in, d_out])."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    d_in, d_out = module.weight.shape
+    return d_out, d_in
+
+
 @dataclass
 class ParameterCount:
     capacity: int  # adapter parameters allocated (P, lambda, Q at max_rank): the paper's "Params." column
@@ -119,6 +127,7 @@ def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
     """
     if any(isinstance(m, FlexLoRALayer) for m in model.modules()):
         raise ValueError("this model already has FlexLoRA layers; inject once per model")
+    config.validate()  # again: fields may have been changed since construction (e.g. target_modules set to a bad regex)
     matched = [(name, module) for name, module in model.named_modules() if name and _matches(name, config.target_modules)]
     if not matched:
         linear_names = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, ADAPTABLE_TYPES)})
@@ -129,6 +138,15 @@ def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
     wrong = [f"{name} ({type(m).__name__})" for name, m in matched if not isinstance(m, ADAPTABLE_TYPES)]
     if wrong:
         raise ValueError(f"target_modules matched modules FlexLoRA cannot adapt (only Linear / Conv1D): {wrong}")
+    too_small = [f"{name} [d_out={d_out}, d_in={d_in}]" for name, m in matched for d_out, d_in in [_shape(m)]
+                 if config.max_rank > min(d_out, d_in)]
+    if too_small:
+        shown = ", ".join(too_small[:5]) + (f" and {len(too_small) - 5} more" if len(too_small) > 5 else "")
+        raise ValueError(
+            f"max_rank={config.max_rank} (the capacity; r={config.r}) is larger than min(d_out, d_in) of {shown}: a "
+            "matrix has no more than min(d_out, d_in) independent directions; lower r / max_rank or leave those "
+            "modules out of target_modules"
+        )
     saved = [name for name, _ in model.named_modules() if name and config.modules_to_save and _matches(name, config.modules_to_save)]
     missing = [t for t in config.modules_to_save if not any(_matches(n, [t]) for n in saved)]
     if missing:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(config.train.seed)
 
     data_path = config.data.path
+    if config.data.uses_synthetic() and config.data.path != "synthetic" and any(
+            arg.startswith("data.path=") for arg in (sys.argv[1:] if argv is None else argv)):
+        # data.if_missing applies to the path written in the config; a path typed on the command line must exist
+        raise FileNotFoundError(f"data.path {config.data.path} does not exist (given on the command line, so no "
+                                "generated data instead)")
     if config.data.uses_synthetic():
         data_path = str(out / "synthetic_data")
         if is_main:
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load_causal_lm(config.model, accelerator.device)
     tokenizer.padding_side = "right"
     model_name = Path(config.model.gguf_file).stem if config.model.gguf_file else Path(config.model.path.rstrip("/")).name
-    examples = tokenize_rows(rows, tokenizer, config.data.cutoff_len, config.data.train_on_inputs, config.data.add_eos_token, progress=is_main)
+    examples = tokenize_rows(rows, tokenizer, config.data.cutoff_len, config.data.train_on_inputs, config.data.add_eos_token, progress=is_main, source=data_path)
     dataset = TokenizedDataset(examples)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, return_tensors="pt")
 

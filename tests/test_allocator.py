@@ -154,3 +154,16 @@ def test_sensitivity_metric_needs_gradients_and_moves_ranks(tokens):
         optimizer.zero_grad()
     assert [c.action for c in changes] == ["prune", "prune", "expand", "expand"]
     assert all(c.score > 0 for c in changes)
+
+
+def test_allocation_refuses_non_finite_p_or_q_of_a_matrix_it_touches():
+    model = make_tiny_llama()
+    config = FlexLoRAConfig(target_modules=TARGETS, r=4, b0=1, t_warmup=1, t_final=1, delta_t=1, total_steps=10)
+    adapters = flexlora.inject(model, config)
+    allocator = RankAllocator(adapters)
+    with torch.no_grad():
+        for layer in adapters.layers.values():
+            layer.lora_lambda[:4].copy_(torch.tensor([1.0, 0.5, 0.2, 0.1]))
+            layer.lora_Q[0, 0] = float("nan")  # every matrix: whichever the allocation touches is broken
+    with pytest.raises(FloatingPointError, match="step 1: P or Q of a matrix this allocation touches holds NaN or inf"):
+        allocator.step(1)

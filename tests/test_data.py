@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from flexlora.recipe_kit.data import DataError
 from flexlora.recipe_kit.data.commonsense import (
     DataConfig,
     evaluation_prompt,
@@ -112,12 +113,16 @@ def test_answer_must_be_non_empty_only_for_scoring():
 def test_file_errors_name_the_problem(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text("[{")
-    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+    with pytest.raises(DataError, match="broken.json: not valid JSON"):
         load_rows(broken)
     not_list = tmp_path / "obj.json"
     not_list.write_text('{"instruction": "x"}')
-    with pytest.raises(ValueError, match="expected a JSON list"):
+    with pytest.raises(DataError, match="expected a JSON list"):
         load_rows(not_list)
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")  # used to print "0 examples" and spin at step 0
+    with pytest.raises(DataError, match="empty.json: no rows"):
+        load_rows(empty)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_rows(tmp_path / "missing.json")
     with pytest.raises(FileNotFoundError, match="no <task>/train.json"):
@@ -127,7 +132,7 @@ def test_file_errors_name_the_problem(tmp_path):
 def test_jsonl_bad_line_reports_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(_row()) + "\n" + "{oops\n")
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
         load_rows(path)
 
 
@@ -196,8 +201,33 @@ def test_tokenize_masks_the_prompt_when_training_on_responses_only():
     assert full["labels"][prompt_len:] == full["input_ids"][prompt_len:]
     plain = tokenize_rows([row], _CharTokenizer(), cutoff_len=1000, train_on_inputs=True)[0]
     assert plain["labels"] == plain["input_ids"]
-    cut = tokenize_rows([row], _CharTokenizer(), cutoff_len=20)[0]
-    assert len(cut["input_ids"]) == 20 and cut["input_ids"][-1] != 0  # truncated: no room for EOS
+    counted = tokenize_rows([row], _CharTokenizer(), cutoff_len=1000, train_on_inputs=True)
+    assert counted.truncated == 0 and counted.without_response == 0
+    # the response cut to 2 of its 3 characters: truncated, no room for EOS, still a target
+    cut = tokenize_rows([row], _CharTokenizer(), cutoff_len=prompt_len + 2)
+    assert len(cut[0]["input_ids"]) == prompt_len + 2 and cut[0]["input_ids"][-1] != 0
+    assert (cut.truncated, cut.without_response) == (1, 0)
+    exact = tokenize_rows([row], _CharTokenizer(), cutoff_len=prompt_len + 3)  # fits exactly: not truncated, no EOS
+    assert len(exact[0]["input_ids"]) == prompt_len + 3 and exact.truncated == 0
+
+
+def test_rows_whose_response_is_cut_away_are_counted_dropped_and_logged(caplog):
+    short, long = _row(instruction="abc", output="xyz"), _row(instruction="a" * 100, output="xyz")
+    cutoff = len(training_prompt({**short, "output": ""})) + 10
+    with caplog.at_level("INFO"):
+        kept = tokenize_rows([short, long, short], _CharTokenizer(), cutoff, train_on_inputs=False, source="d.json")
+    assert len(kept) == 2 and (kept.truncated, kept.without_response) == (1, 1)
+    assert all(any(label != -100 for label in e["labels"]) for e in kept)
+    assert "d.json: 1 of 3 rows are longer than cutoff_len" in caplog.text
+    assert "d.json: dropped 1 of 3 rows whose whole response was cut away" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        all_kept = tokenize_rows([short, long], _CharTokenizer(), cutoff, train_on_inputs=True, source="d.json")
+    assert len(all_kept) == 2 and all_kept.without_response == 1  # trains on its prompt, but it is reported
+    assert "1 of 2 rows lost their whole response" in caplog.text
+    for train_on_inputs in (False, True):  # no response left anywhere: refused (NaN loss / nothing to learn)
+        with pytest.raises(DataError, match=r"d.json: no row keeps any of its response .*2 of 2 rows truncated, 2 with no"):
+            tokenize_rows([long, long], _CharTokenizer(), 20, train_on_inputs=train_on_inputs, source="d.json")
 
 
 def test_data_config_checks_values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -75,9 +76,8 @@ def test_flexlora_run_writes_every_output_and_resumes_exactly(recipe, tiny_model
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    # As the quickstart without ../shared/data: a missing data folder falls back to the generated data set,
-    # and scoring to its dev files.
-    out = run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"data.path": str(tmp_path / "no_data"), "eval.tasks": None})
+    # The generated data set, and scoring on its dev files (as the quickstart without ../shared/data).
+    out = run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"data.path": "synthetic", "eval.tasks": None})
     for name in ("config.yaml", "adapter/flexlora_adapter.safetensors", "adapter/rank_state.json", "peft/adapter_config.json",
                  "peft/adapter_model.safetensors", "rank_pattern.json", "allocation.jsonl", "rank_heatmap.png", "metrics.json",
                  "eval.json", "train_log.jsonl"):
@@ -108,7 +108,7 @@ def test_flexlora_run_writes_every_output_and_resumes_exactly(recipe, tiny_model
     for name in ("allocation.jsonl", "rank_pattern.json", "metrics.json"):
         (out / name).unlink()
 
-    run_recipe(recipe, tiny_model_dir, out, **{"data.path": str(tmp_path / "no_data"), "eval.enabled": "false"})
+    run_recipe(recipe, tiny_model_dir, out, **{"data.path": "synthetic", "eval.enabled": "false"})
     resumed_log = _read_jsonl(out / "train_log.jsonl")
     assert [r["step"] for r in resumed_log] == [1, 2, 3, 4, 5, 6]
     for before, after in zip(first_log, resumed_log):
@@ -280,3 +280,111 @@ def test_peft_checkpoint_round_trip_keeps_trained_heads(tiny_model_dir, tmp_path
     method.load_checkpoint(tmp_path, method.model)
     for name, param in trained.items():
         assert torch.equal(param, saved[name]), name
+
+
+# ---- nothing silent, nothing lost ---------------------------------------------------------------------------
+def test_a_mistyped_data_path_on_the_command_line_is_an_error_not_generated_data(recipe, tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.path .*no_data does not exist"):
+        run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"data.path": str(tmp_path / "no_data")})
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("method", ["flexlora", "lora", "adalora"])
+def test_a_diverging_run_stops_naming_the_step_and_saves_nothing_non_finite(recipe, tiny_model_dir, tmp_path, method):
+    from flexlora.recipe_kit.run_config import TrainingStopped
+
+    out = tmp_path / method
+    with pytest.raises(TrainingStopped, match=r"step \d+: non-finite loss"):
+        run_recipe(recipe, tiny_model_dir, out, **{"method": method, "train.lr": 1e6, "train.max_grad_norm": 0,
+                                                   "train.warmup_steps": 0, "eval.enabled": "false"})
+    assert not (out / "adapter").exists() and not (out / "peft").exists() and not (out / "metrics.json").exists()
+
+
+def test_skip_step_policy_is_bounded(recipe, tiny_model_dir, tmp_path):
+    from flexlora.recipe_kit.run_config import TrainingStopped
+
+    with pytest.raises(TrainingStopped, match="3 steps skipped, more than train.max_skipped_steps=2"):
+        run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"train.lr": 1e6, "train.max_grad_norm": 0, "train.warmup_steps": 0,
+                                                                "train.on_nonfinite": "skip_step", "train.max_skipped_steps": 2,
+                                                                "eval.enabled": "false"})
+
+
+def test_resume_refuses_changed_settings_and_reruns_refuse_to_mix_logs(recipe, tiny_model_dir, tmp_path):
+    from flexlora.recipe_kit.run_config import ConfigError
+
+    out = run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"eval.enabled": "false"})
+    first_log = _read_jsonl(out / "train_log.jsonl")
+    with pytest.raises(ConfigError, match=r"other settings: train.lr 0.002 -> 0.5"):
+        run_recipe(recipe, tiny_model_dir, out, **{"eval.enabled": "false", "train.lr": 0.5})
+    with pytest.raises(ConfigError, match="already holds a run .*checkpoint.overwrite=true"):
+        run_recipe(recipe, tiny_model_dir, out, **{"eval.enabled": "false", "checkpoint.resume": "false"})
+    assert _read_jsonl(out / "train_log.jsonl") == first_log  # neither attempt touched the run
+    run_recipe(recipe, tiny_model_dir, out, **{"eval.enabled": "false", "checkpoint.resume": "false", "checkpoint.overwrite": "true"})
+    assert [r["step"] for r in _read_jsonl(out / "train_log.jsonl")] == [1, 2, 3, 4, 5, 6]  # one run, not two
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(recipe, tiny_model_dir, tmp_path, capsys):
+    from flexlora.recipe_kit.checkpoints import manifest_problem
+
+    out = run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"eval.enabled": "false"})
+    newest = out / "checkpoints" / "step_00000006"
+    adapter = newest / "adapter" / "flexlora_adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])  # truncated
+    assert "flexlora_adapter.safetensors has 100 bytes" in manifest_problem(newest)
+    capsys.readouterr()
+    run_recipe(recipe, tiny_model_dir, out, **{"eval.enabled": "false"})
+    printed = capsys.readouterr().out  # the recipe logs to stdout
+    assert "skipping checkpoint" in printed and "step_00000006" in printed
+    assert "resumed from" in printed and "step_00000003" in printed
+
+
+KILLER = """
+import os, signal, sys
+from flexlora.recipe_kit import checkpoints, loop
+
+where, step = sys.argv[1], int(sys.argv[2])
+if where == "after_step":  # between optimizer steps
+    logged = loop.TrainLoop._log_step
+    def _log_step(self, *args, **kwargs):
+        logged(self, *args, **kwargs)
+        if self.global_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    loop.TrainLoop._log_step = _log_step
+else:  # mid-checkpoint: every file of the checkpoint written, its manifest not yet
+    sealed = checkpoints.write_manifest
+    def write_manifest(directory):
+        if directory.name.endswith(f"{step:08d}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        sealed(directory)
+    checkpoints.write_manifest = write_manifest
+from recipes import llama3_cr
+llama3_cr.main(sys.argv[3:])
+"""
+
+
+def test_kill_9_at_random_points_resumes_bit_for_bit(recipe, tiny_model_dir, tmp_path):
+    """A real recipe process killed with SIGKILL between steps and in the middle of writing a checkpoint, then
+    resumed: adapter, PEFT export, allocation history and per-step losses equal those of an uninterrupted run."""
+    import random
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    reference = run_recipe(recipe, tiny_model_dir, tmp_path / "reference", **{"eval.enabled": "false"})
+    out = tmp_path / "killed"
+    args = ["--config", str(REPO / "recipes" / "configs" / "quickstart.yaml"), *tiny_overrides(tiny_model_dir, out, **{"eval.enabled": "false"})]
+    kills = [("after_step", random.Random(0).choice([4, 5])), ("mid_checkpoint", 6)]  # checkpoints at steps 3 and 6
+    for where, step in kills:
+        killed = subprocess.run([sys.executable, "-c", KILLER, where, str(step), *args], cwd=REPO, capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert killed.returncode == -9, (where, killed.stderr[-2000:])
+    assert (out / "checkpoints" / ".tmp_step_00000006").is_dir()  # the checkpoint the last kill interrupted
+    recipe.main(args)  # resumes from step 3
+
+    assert [r["loss"] for r in _read_jsonl(out / "train_log.jsonl")] == [r["loss"] for r in _read_jsonl(reference / "train_log.jsonl")]
+    assert _read_jsonl(out / "allocation.jsonl") == _read_jsonl(reference / "allocation.jsonl")
+    for path in ("adapter/flexlora_adapter.safetensors", "peft/adapter_model.safetensors"):
+        resumed, uninterrupted = load_file(out / path), load_file(reference / path)
+        assert resumed.keys() == uninterrupted.keys()
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), path

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -17,10 +18,28 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoints import TRAINER_STATE, Checkpointer, load_optimizer, rng_state, save_optimizer, set_rng_state
+from .checkpoints import TRAINER_STATE, CheckpointError, Checkpointer, load_optimizer, rng_state, save_optimizer, set_rng_state
 from .methods import AdapterMethod
 from .records import JsonLinesTracker, build_trackers, flat_config
-from .run_config import config_to_yaml, load_config, parse_cli
+from .run_config import ConfigError, TrainingStopped, config_to_yaml, load_config, parse_cli
+
+# Settings a resumed run may change: where and how it reports, checkpoints and scores, not what it trains.
+RESUMABLE_CHANGES = ("output_dir", "logging.", "checkpoint.", "eval.", "train.log_every", "model.attn_implementation",
+                     "model.gradient_checkpointing", "data.num_workers")
+RUN_FILES = ("checkpoints", "train_log.jsonl", "eval.jsonl", "metrics.json")
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """Flat keys whose value differs between a checkpoint's config and this run's, those in RESUMABLE_CHANGES aside."""
+    keys = sorted(set(saved) | set(current))
+    return [key for key in keys if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+
+
+def all_finite(tensors, accelerator) -> bool:
+    """Whether every tensor is finite on every process (a collective: every process must call it)."""
+    local = all(bool(torch.isfinite(t).all()) for t in tensors)
+    return bool(accelerator.reduce(torch.tensor(float(local), device=accelerator.device), reduction="sum").item()
+                == accelerator.num_processes)
 
 log = logging.getLogger(__name__)
 
@@ -91,35 +110,59 @@ class TrainLoop:
             run.dataset, batch_size=train.micro_batch_size, sampler=EpochPermutation(len(run.dataset), train.seed),
             collate_fn=run.collator, num_workers=run.num_workers, generator=torch.Generator().manual_seed(train.seed)))
         self.global_step, self.epoch, self.batches_done, self.last_loss = 0, 0, 0, float("nan")
+        self.skipped_steps = 0
         self._step_loss = torch.zeros((), device=accelerator.device)  # this process's mean micro-batch loss, last step
 
     def _run_identity(self) -> dict:
         return {"method": self.config.method, "total_steps": self.total_steps, "examples": len(self.run_spec.dataset)}
 
-    def resume(self) -> bool:
-        """Restore the newest complete checkpoint when ``checkpoint.resume`` is on; True if one was restored."""
-        resume_from = self.checkpointer.latest() if self.config.checkpoint.resume else None
-        if resume_from is None:
-            return False
-        state = json.loads((resume_from / TRAINER_STATE).read_text())
-        written_by = {key: state[key] for key in self._run_identity()}
-        if written_by != self._run_identity():
-            raise ValueError(
-                f"{resume_from} was written by a different run (method {state['method']}, {state['total_steps']} steps, "
-                f"{state['examples']} examples); use another output_dir or checkpoint.resume=false"
-            )
-        self.method.load_checkpoint(resume_from, self.model)
-        load_optimizer(self.model, self.optimizer, resume_from / "optimizer.pt")
-        self.scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(resume_from / f"rng_{self.accelerator.process_index}.pt", weights_only=False))
-        self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
-        self.last_loss = state.get("loss", float("nan"))
-        log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume_from, self.global_step, self.epoch,
-                 self.batches_done)
+    def _trim_logs(self, last_step: int) -> None:
         for tracker in self.accelerator.trackers:
             if isinstance(tracker, JsonLinesTracker):
-                tracker.trim(self.global_step)
+                tracker.trim(last_step)
+
+    def resume(self) -> bool:
+        """Restore the newest valid checkpoint when ``checkpoint.resume`` is on; True if one was restored. Without
+        one, the run starts at step 0 and logs left by an earlier attempt that never checkpointed are cleared."""
+        resume_from = self.checkpointer.latest_valid() if self.config.checkpoint.resume else None
+        if resume_from is None:
+            self._trim_logs(0)
+            return False
+        state = self._read(resume_from / TRAINER_STATE, lambda path: json.loads(path.read_text()))
+        written_by = {key: state.get(key) for key in self._run_identity()}
+        if written_by != self._run_identity():
+            raise ConfigError(
+                f"{resume_from} was written by a different run (method {state.get('method')}, {state.get('total_steps')} "
+                f"steps, {state.get('examples')} examples); use another output_dir or checkpoint.resume=false"
+            )
+        changed = changed_settings(state.get("config", {}), flat_config(dataclasses.asdict(self.config)))
+        if changed and not self.config.checkpoint.allow_config_change:
+            saved, now = state.get("config", {}), flat_config(dataclasses.asdict(self.config))
+            raise ConfigError(
+                f"{resume_from} was trained with other settings: "
+                + "; ".join(f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in changed)
+                + ". Resume with the checkpoint's settings, use another output_dir, or pass checkpoint.allow_config_change=true"
+            )
+        self._read(resume_from / "adapter", lambda path: self.method.load_checkpoint(resume_from, self.model))
+        self._read(resume_from / "optimizer.pt", lambda path: load_optimizer(self.model, self.optimizer, path))
+        self._read(resume_from / "scheduler.pt", lambda path: self.scheduler.load_state_dict(torch.load(path, weights_only=True)))
+        rng_file = resume_from / f"rng_{self.accelerator.process_index}.pt"
+        self._read(rng_file, lambda path: set_rng_state(torch.load(path, weights_only=False)))
+        self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
+        self.last_loss = state.get("loss", float("nan"))
+        self.skipped_steps = state.get("skipped_steps", 0)
+        log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume_from, self.global_step, self.epoch,
+                 self.batches_done)
+        self._trim_logs(self.global_step)
         return True
+
+    @staticmethod
+    def _read(path: Path, load: Callable[[Path], Any]) -> Any:
+        """``load(path)``, with any failure reported as a CheckpointError naming the file."""
+        try:
+            return load(path)
+        except Exception as e:  # noqa: BLE001 - safetensors, torch.load and json each raise their own types
+            raise CheckpointError(f"cannot load checkpoint file {path}: {type(e).__name__}: {e}") from e
 
     def save_checkpoint(self) -> None:
         is_main = self.accelerator.is_main_process
@@ -131,9 +174,40 @@ class TrainLoop:
                 torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
             torch.save(rng_state(), directory / f"rng_{self.accelerator.process_index}.pt")
 
+        self.check_weights_finite("checkpoint")
         trainer_state = {"global_step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done,
-                         "loss": self.last_loss, **self._run_identity()}
+                         "loss": self.last_loss, "skipped_steps": self.skipped_steps, **self._run_identity(),
+                         "config": flat_config(dataclasses.asdict(self.config))}
         log.info("checkpoint %s", self.checkpointer.save(self.global_step, write, trainer_state))
+
+    def check_weights_finite(self, what: str) -> None:
+        """Refuse to save non-finite trained weights (collective)."""
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in trained]
+        if not all_finite(local, self.accelerator):
+            raise TrainingStopped(f"step {self.global_step}: trained weights contain NaN or inf; not writing the {what}")
+
+    def _update_is_finite(self, grad_norm) -> bool:
+        """Whether this optimizer step's loss and gradient norm are finite on every process: one small all-reduce
+        and one host sync per optimizer step, the price of never applying a NaN update."""
+        checks = [self._step_loss]
+        if grad_norm is not None:  # DeepSpeed clips inside its own step and returns no norm
+            checks.append(torch.as_tensor(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
+        return all_finite(checks, self.accelerator)
+
+    def _non_finite(self, grad_norm) -> None:
+        """Stop, or skip this step's update under train.on_nonfinite=skip_step (bounded)."""
+        self._reduce_loss()
+        what = f"step {self.global_step + 1}: non-finite loss ({self.last_loss}) or gradient norm ({float(grad_norm) if grad_norm is not None else 'n/a'})"
+        train = self.config.train
+        if train.on_nonfinite == "stop":
+            raise TrainingStopped(f"{what}; stopped before updating the weights (lower train.lr, check the data, or "
+                                  "train.on_nonfinite=skip_step)")
+        self.skipped_steps += 1
+        if self.skipped_steps > train.max_skipped_steps:
+            raise TrainingStopped(f"{what}; {self.skipped_steps} steps skipped, more than train.max_skipped_steps="
+                                  f"{train.max_skipped_steps}")
+        log.warning("%s; update skipped (%d of at most %d)", what, self.skipped_steps, train.max_skipped_steps)
 
     def _reduce_loss(self) -> None:
         """The last step's loss, averaged over processes: a collective, so only where every process does it."""
@@ -143,7 +217,7 @@ class TrainLoop:
         # (AdaLoRA's loss includes PEFT's orthogonal regulariser, which its forward adds; FlexLoRA's penalty enters
         # the gradient only and is logged on its own as orth_penalty.)
         scalars = {"epoch": self.epoch, "loss": self.last_loss, "lr": self.scheduler.get_last_lr()[0], **self.method.scalars(),
-                   "rank_changes": float(len(changes))}
+                   "rank_changes": float(len(changes)), "skipped_steps": self.skipped_steps}
         if grad_norm is not None:  # DeepSpeed clips inside its own step and returns no norm
             scalars["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         self.accelerator.log(scalars, step=self.global_step)
@@ -171,13 +245,17 @@ class TrainLoop:
                     if not accelerator.sync_gradients:
                         continue
                     grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-                    self.optimizer.step()
-                    # after optimizer.step, before zero_grad: sensitivity-based scores read the live gradients
-                    changes = self.method.step(self.global_step + 1, self.optimizer)
+                    self._step_loss = step_loss / step_batches
+                    changes = []
+                    if self._update_is_finite(grad_norm):
+                        self.optimizer.step()
+                        # after optimizer.step, before zero_grad: sensitivity-based scores read the live gradients
+                        changes = self.method.step(self.global_step + 1, self.optimizer)
+                    else:
+                        self._non_finite(grad_norm)
                     self.scheduler.step()
                     self.optimizer.zero_grad()
                 self.global_step += 1
-                self._step_loss = step_loss / step_batches
                 step_loss, step_batches = torch.zeros((), device=accelerator.device), 0
                 progress.update(1)
                 last = self.global_step == self.total_steps
@@ -213,9 +291,17 @@ def start_run(config_class: type, argv: list[str] | None, recipe_log: logging.Lo
     config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv, config_class, Path(sys.argv[0]).name)
     config = load_config(config_class, config_path, overrides)
     out = Path(config.output_dir)
+    previous = [name for name in RUN_FILES if (out / name).exists()]
+    if previous and not config.checkpoint.resume and not config.checkpoint.overwrite:
+        raise ConfigError(f"output_dir {out} already holds a run ({', '.join(previous)}) and checkpoint.resume=false: "
+                          "resume it, choose another output_dir, or pass checkpoint.overwrite=true to replace it")
     accelerator = build_accelerator(log_with=build_trackers(out, config.logging))
     setup_logging(accelerator.is_main_process)
     if accelerator.is_main_process:
+        if previous and not config.checkpoint.resume:  # overwrite: the old run's files go, so no log holds two runs
+            recipe_log.warning("checkpoint.overwrite=true: removing the previous run's %s from %s", ", ".join(previous), out)
+            for name in previous:
+                (shutil.rmtree if (out / name).is_dir() else Path.unlink)(out / name)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(config))
         recipe_log.info("resolved config (%s + %s):\n%s", config_path, overrides or "no overrides", config_to_yaml(config))

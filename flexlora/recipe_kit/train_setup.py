@@ -78,6 +78,7 @@ def save_outputs(training: Training, out: Path, is_main: bool, title: str) -> di
     """The adapter (and its PEFT form), rank_pattern.json, allocation.jsonl and rank_heatmap.png; returns the rank
     pattern. Every process calls it (saving a sharded model is collective)."""
     method = training.method
+    training.loop.check_weights_finite("final adapter")
     rank_pattern = method.save_final(out, training.model, is_main)
     if is_main:
         (out / "rank_pattern.json").write_text(json.dumps(rank_pattern, indent=2))

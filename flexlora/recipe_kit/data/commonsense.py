@@ -10,14 +10,18 @@ template), because a model fine-tuned on one rendering is scored on the other.
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..records import read_jsonl
+from . import DataError
+
+log = logging.getLogger(__name__)
 
 FIELDS = ("instruction", "input", "output", "answer")
 MAX_REPORTED_ERRORS = 20
@@ -61,14 +65,22 @@ def evaluation_prompt(instruction: str, input: str = "") -> str:
 # ---- loading and validation -----------------------------------------------------------------------------
 
 
-def validate_rows(rows: Any, source: str, require_answer: bool = False) -> list[dict[str, str]]:
-    """Check every record; raise one error naming each bad row by its index (the first 20 of them).
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can spell lone UTF-16 surrogates ("\\ud800"); no tokenizer takes them
+
+
+def validate_rows(
+    rows: Any, source: str, require_answer: bool = False, line_numbers: list[int] | None = None
+) -> list[dict[str, str]]:
+    """Check every record; raise one ``DataError`` naming each bad row by its index (the first 20 of them).
 
     A row needs all four fields as strings, a non-empty ``instruction`` and ``output`` (and ``answer`` when
-    ``require_answer``, as scoring does). Rows are never dropped: a bad row stops the run.
+    ``require_answer``, as scoring does). Rows are never dropped: a bad row stops the run, and so does an empty
+    list. ``line_numbers`` (JSON lines files) adds each row's line to the message.
     """
     if not isinstance(rows, list):
-        raise ValueError(f"{source}: expected a JSON list of records, got {type(rows).__name__}")
+        raise DataError(f"{source}: expected a JSON list of records, got {type(rows).__name__}")
+    if not rows:
+        raise DataError(f"{source}: no rows (an empty list of records): nothing to train or score on")
     errors: list[str] = []
     clean: list[dict[str, str]] = []
     non_empty = ("instruction", "output", "answer") if require_answer else ("instruction", "output")
@@ -86,25 +98,63 @@ def validate_rows(rows: Any, source: str, require_answer: bool = False) -> list[
                 problem = "field(s) " + ", ".join(f"{f} ({type(row[f]).__name__})" for f in wrong_type) + " are not strings"
             elif empty:
                 problem = f"empty {', '.join(empty)}"
+            elif any(_SURROGATE.search(row[f]) for f in FIELDS):
+                bad = [f for f in FIELDS if _SURROGATE.search(row[f])]
+                problem = f"field(s) {', '.join(bad)} hold an unpaired UTF-16 surrogate (a broken \\uXXXX escape)"
         if problem:
-            errors.append(f"row {index}: {problem}")
+            where = f"row {index}" if line_numbers is None else f"row {index} (line {line_numbers[index]})"
+            errors.append(f"{where}: {problem}")
         else:
             clean.append({f: row[f] for f in FIELDS})
     if errors:
         shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
-        raise ValueError(f"{source}: {len(errors)} malformed row(s) of {len(rows)}:\n  {shown}{more}")
+        raise DataError(f"{source}: {len(errors)} malformed row(s) of {len(rows)}:\n  {shown}{more}")
     return clean
 
 
-def read_json_rows(path: Path) -> Any:
-    """A JSON list (``.json``) or one object per line (``.jsonl``)."""
-    if path.suffix == ".jsonl":
-        return read_jsonl(path)
+def _read_text(path: Path) -> str:
+    """The file as text (UTF-8, a byte-order mark allowed); other encodings are refused by line."""
+    data = path.read_bytes()
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+        ) from None
+
+
+def _read_rows(path: Path) -> tuple[Any, list[int] | None]:
+    """The parsed records and, for JSON lines files, the line each record came from."""
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: empty file (expected a JSON list of records, or one record per line in a .jsonl file)")
+    if path.suffix.lower() == ".jsonl":
+        rows, lines = [], []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if line.strip():  # blank lines are skipped, as JSON lines readers do
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {line_no} is not valid JSON: {e}") from None
+                lines.append(line_no)
+        return rows, lines
+    try:
+        return json.loads(text), None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from e
+        hint = " (one record per line? name the file .jsonl)" if e.msg == "Extra data" else ""
+        raise DataError(f"{path}: not valid JSON: {e}{hint}") from None
+
+
+def read_json_rows(path: Path) -> Any:
+    """A JSON list (``.json``) or one object per line (``.jsonl``); unreadable text raises ``DataError``."""
+    return _read_rows(Path(path))[0]
+
+
+def _load_file(path: Path, require_answer: bool) -> list[dict[str, str]]:
+    rows, lines = _read_rows(path)
+    return validate_rows(rows, str(path), require_answer, line_numbers=lines)
 
 
 def task_files(directory: Path, split: str) -> dict[str, Path]:
@@ -118,7 +168,7 @@ def load_rows(path: str | Path, split: str = "train", require_answer: bool = Fal
     """
     local = Path(path)
     if local.is_file():
-        rows = validate_rows(read_json_rows(local), str(local), require_answer)
+        rows = _load_file(local, require_answer)
         return rows, {local.name: len(rows)}
     if local.is_dir():
         files = task_files(local, split)
@@ -126,7 +176,7 @@ def load_rows(path: str | Path, split: str = "train", require_answer: bool = Fal
             raise FileNotFoundError(f"{local}: no <task>/{split}.json files in this directory")
         rows, counts = [], {}
         for task, file in files.items():
-            task_rows = validate_rows(read_json_rows(file), str(file), require_answer)
+            task_rows = _load_file(file, require_answer)  # an empty task file is refused, naming it
             rows += task_rows
             counts[task] = len(task_rows)
         return rows, counts
@@ -203,33 +253,83 @@ def tokenize_rows(
     add_eos_token: bool = True,
     chunk_size: int = 1024,
     progress: bool = False,
-) -> list[dict[str, list[int]]]:
+    source: str = "training data",
+) -> TokenizedRows:
     """LLM-Adapters' ``generate_and_tokenize_prompt``: truncate to ``cutoff_len`` tokens, append EOS when there
     is room, labels = input ids; with ``train_on_inputs=False`` the prompt part (the template rendered with an
     empty output) is masked with -100 so only the response is learnt.
+
+    Nothing is lost silently: the rows truncated by ``cutoff_len`` are counted, and so are those that lost their
+    whole response. With ``train_on_inputs=False`` such a row has no target token left (every label -100) and
+    is dropped; with ``train_on_inputs=True`` it is kept (it still trains on its prompt, as LLM-Adapters does).
+    Both are logged with ``source`` (the data path); when no row keeps any of its response, ``DataError``.
+    The result is a list of examples that also carries the counts (``TokenizedRows``).
     """
     from tqdm.auto import tqdm
 
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; LLM-Adapters training appends one to every example")
-    examples = []
+    if not rows:
+        raise DataError(f"{source}: no rows to tokenise")
+    examples = TokenizedRows()
     for start in tqdm(range(0, len(rows), chunk_size), desc="tokenising", disable=not progress):
         chunk = rows[start : start + chunk_size]
-        full = tokenizer([training_prompt(r) for r in chunk], truncation=True, max_length=cutoff_len)["input_ids"]
-        prompt_lengths = None
-        if not train_on_inputs:
-            prompts = tokenizer([training_prompt({**r, "output": ""}) for r in chunk], truncation=True, max_length=cutoff_len)
-            prompt_lengths = [len(ids) for ids in prompts["input_ids"]]
+        texts = [training_prompt(r) for r in chunk]
+        # one token over the cutoff tells a truncated row from one that fits exactly; those rows are then tokenised
+        # again at the cutoff, so every example is exactly what truncation at cutoff_len gives
+        full = list(tokenizer(texts, truncation=True, max_length=cutoff_len + 1)["input_ids"])
+        long = [i for i, ids in enumerate(full) if len(ids) > cutoff_len]
+        if long:
+            cut = tokenizer([texts[i] for i in long], truncation=True, max_length=cutoff_len)["input_ids"]
+            for i, ids in zip(long, cut):
+                full[i] = ids
+        # prompt lengths: for masking (every row) or to see whether a truncated row kept any of its response
+        need = long if train_on_inputs else range(len(chunk))
+        prompt_lengths = {}
+        if need:
+            prompts = tokenizer([training_prompt({**chunk[i], "output": ""}) for i in need], truncation=True, max_length=cutoff_len)
+            prompt_lengths = dict(zip(need, (len(ids) for ids in prompts["input_ids"])))
+        examples.truncated += len(long)
         for i, ids in enumerate(full):
             ids = list(ids)
-            if add_eos_token and ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
+            if add_eos_token and ids and ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
                 ids.append(tokenizer.eos_token_id)
             labels = list(ids)
-            if prompt_lengths is not None:
+            if not train_on_inputs:
                 masked = min(prompt_lengths[i], len(ids))
                 labels[:masked] = [-100] * masked
+                if masked == len(ids):  # no target token left: the loss of this row would be 0/0
+                    examples.without_response += 1
+                    continue
+            elif i in prompt_lengths and prompt_lengths[i] >= len(ids):
+                examples.without_response += 1
             examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if examples.without_response == len(rows):
+        raise DataError(
+            f"{source}: no row keeps any of its response within cutoff_len={cutoff_len} tokens: {examples.truncated} of "
+            f"{len(rows)} rows truncated, {examples.without_response} with no response token left; raise data.cutoff_len"
+        )
+    if examples.truncated:
+        log.info("%s: %d of %d rows are longer than cutoff_len=%d tokens and were truncated", source, examples.truncated,
+                 len(rows), cutoff_len)
+    if examples.without_response and not train_on_inputs:
+        log.warning("%s: dropped %d of %d rows whose whole response was cut away by cutoff_len=%d (no target token left); "
+                    "training on the other %d", source, examples.without_response, len(rows), cutoff_len, len(examples))
+    elif examples.without_response:
+        log.warning("%s: %d of %d rows lost their whole response to cutoff_len=%d; kept (train_on_inputs=true trains on "
+                    "their prompt)", source, examples.without_response, len(rows), cutoff_len)
     return examples
+
+
+class TokenizedRows(list):
+    """The examples ``tokenize_rows`` made (a plain list of dicts), with what truncation did on the way.
+
+    ``truncated``: rows longer than ``cutoff_len`` (cut to it); ``without_response``: rows of which no response
+    token survived (dropped when only the response is learnt, so ``len(self)`` is the rows minus those).
+    """
+
+    truncated: int = 0
+    without_response: int = 0
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

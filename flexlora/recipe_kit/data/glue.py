@@ -10,6 +10,7 @@ correlation for STS-B, accuracy elsewhere (MNLI on its matched and mismatched de
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from . import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,21 +102,30 @@ class GlueSplit:
         )
 
 
+SCORE_RANGE = {"stsb": (0.0, 5.0)}  # regression targets: STS-B similarity scores run from 0 to 5
+
+
 def read_glue_tsv(path: str | Path, task: GlueTask | str) -> GlueSplit:
-    """Read one original GLUE tsv file; any malformed line raises ``ValueError`` naming the file and line.
+    """Read one original GLUE tsv file; any malformed line raises ``DataError`` naming the file and line.
 
     Lines are split on tabs only: GLUE's files are not CSV-quoted (MRPC and QQP sentences contain bare quote
-    characters), and a quote-aware reader would merge lines.
+    characters), and a quote-aware reader would merge lines. Refused: text that is not UTF-8, a line with the
+    wrong number of fields, an empty (or blank) sentence, a label outside the task's labels, an STS-B score that
+    is not a number in [0, 5], a file without data rows.
     """
     task = get_task(task) if isinstance(task, str) else task
     path = Path(path)
-    # utf-8-sig: the MRPC files start with a byte-order mark, which would otherwise become part of "Quality"
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = f.read().split("\n")
+    data = path.read_bytes()
+    try:
+        # utf-8-sig: the MRPC files start with a byte-order mark, which would otherwise become part of "Quality"
+        lines = data.decode("utf-8-sig").split("\n")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
     if lines and lines[-1] == "":  # the newline that ends the last line
         lines.pop()
     if not lines:
-        raise ValueError(f"{path}: empty file")
+        raise DataError(f"{path}: empty file")
     first_data_line = 1
     columns = task.headerless_columns
     if columns is None:
@@ -119,7 +133,7 @@ def read_glue_tsv(path: str | Path, task: GlueTask | str) -> GlueSplit:
         first_data_line = 2
         missing = [c for c in (*task.text_columns, task.label_column) if c not in columns]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{path}:1: header {list(columns)} lacks column(s) {missing} of GLUE task {task.name}; is this the "
                 f"{task.directory} file?"
             )
@@ -132,7 +146,7 @@ def read_glue_tsv(path: str | Path, task: GlueTask | str) -> GlueSplit:
     for number, line in enumerate(lines[first_data_line - 1 :], start=first_data_line):
         fields = line.rstrip("\r").split("\t")
         if len(fields) != len(columns):
-            raise ValueError(
+            raise DataError(
                 f"{path}:{number}: {len(fields)} tab-separated field(s), expected {len(columns)} ({', '.join(columns)})"
             )
         raw = fields[label_index]
@@ -140,18 +154,23 @@ def read_glue_tsv(path: str | Path, task: GlueTask | str) -> GlueSplit:
             try:
                 value = float(raw)
             except ValueError:
-                raise ValueError(f"{path}:{number}: {task.label_column} {raw!r} is not a number") from None
+                raise DataError(f"{path}:{number}: {task.label_column} {raw!r} is not a number") from None
             if not math.isfinite(value):
-                raise ValueError(f"{path}:{number}: {task.label_column} {raw!r} is not finite")
+                raise DataError(f"{path}:{number}: {task.label_column} {raw!r} is not finite")
+            low, high = SCORE_RANGE.get(task.name, (-math.inf, math.inf))
+            if not low <= value <= high:
+                raise DataError(f"{path}:{number}: {task.label_column} {raw!r} is outside [{low:g}, {high:g}]")
             labels.append(value)
         else:
             if raw not in label_ids:
-                raise ValueError(f"{path}:{number}: label {raw!r} is not one of {list(task.labels)}")
+                raise DataError(f"{path}:{number}: label {raw!r} is not one of {list(task.labels)}")
             labels.append(label_ids[raw])
-        for store, index in zip(texts, text_index):
+        for store, index, name in zip(texts, text_index, task.text_columns):
+            if not fields[index].strip():
+                raise DataError(f"{path}:{number}: empty {name}")
             store.append(fields[index])
     if not labels:
-        raise ValueError(f"{path}: no data rows")
+        raise DataError(f"{path}: no data rows (only a header line)")
     return GlueSplit(texts[0], texts[1] if len(texts) > 1 else None, labels, str(path))
 
 
@@ -177,12 +196,12 @@ def glue_split_from_records(task: GlueTask | str, records, source: str) -> GlueS
     task = get_task(task) if isinstance(task, str) else task
     missing = [c for c in (*task.hub_text_columns, "label") if c not in records.column_names]
     if missing:
-        raise ValueError(f"{source}: column(s) {missing} missing; found {records.column_names}")
+        raise DataError(f"{source}: column(s) {missing} missing; found {records.column_names}")
     labels = list(records["label"])
     if not task.is_regression:
         unlabelled = sum(1 for label in labels if label < 0)
         if unlabelled:  # GLUE's test splits carry label -1: they cannot be scored locally
-            raise ValueError(f"{source}: {unlabelled} row(s) have no label (-1); GLUE test labels are not public")
+            raise DataError(f"{source}: {unlabelled} row(s) have no label (-1); GLUE test labels are not public")
         labels = [int(label) for label in labels]
     else:
         labels = [float(label) for label in labels]
@@ -206,7 +225,7 @@ def carve_validation(train: GlueSplit, size: int | float, seed: int) -> tuple[Gl
     """Hold out a seeded random part of ``train`` as the validation split (``size``: rows, or a fraction < 1)."""
     count = int(round(size * len(train))) if isinstance(size, float) and size < 1 else int(size)
     if not 0 < count < len(train):
-        raise ValueError(f"validation size {size!r} leaves no rows on one side of the {len(train)} rows of {train.source}")
+        raise DataError(f"validation size {size!r} leaves no rows on one side of the {len(train)} rows of {train.source}")
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     held, kept = sorted(order[:count]), sorted(order[count:])
@@ -227,12 +246,25 @@ class EncodedGlue:
     """A map-style dataset of tokenised rows (``input_ids``, ``attention_mask``, ... and ``labels``).
 
     Tokenised once up front; padding happens per batch (``transformers.DataCollatorWithPadding``), so short
-    batches stay short.
+    batches stay short. Rows longer than ``max_length`` tokens are truncated (the longer sentence first) and
+    counted: ``truncated``, logged with the split's source.
     """
 
     def __init__(self, split: GlueSplit, tokenizer, max_length: int):
         args = (split.text_a,) if split.text_b is None else (split.text_a, split.text_b)
-        self.encoded = tokenizer(*args, truncation=True, max_length=max_length)
+        # one token over the limit tells a truncated row from one that fits exactly; those rows are then encoded
+        # again at max_length, so every row is exactly what truncation at max_length gives
+        encoded = tokenizer(*args, truncation=True, max_length=max_length + 1)
+        self.encoded = {key: list(values) for key, values in encoded.items()}
+        long = [i for i, ids in enumerate(self.encoded["input_ids"]) if len(ids) > max_length]
+        if long:
+            again = tokenizer(*([column[i] for i in long] for column in args), truncation=True, max_length=max_length)
+            for key, values in again.items():
+                for i, value in zip(long, values):
+                    self.encoded[key][i] = value
+            log.info("%s: %d of %d rows are longer than max_length=%d tokens and were truncated", split.source, len(long),
+                     len(split), max_length)
+        self.truncated = len(long)
         self.labels = split.labels
         self.keys = list(self.encoded.keys())
 

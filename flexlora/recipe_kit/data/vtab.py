@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from . import DataError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
@@ -81,23 +83,38 @@ def _class_ids(task_dir: Path) -> dict[str, int]:
 
 
 def read_list_file(path: str | Path) -> list[tuple[Path, int]]:
-    """``<relative path> <class id>`` lines (paths relative to the file's folder); errors name file and line."""
+    """``<relative path> <class id>`` lines (paths relative to the file's folder); errors (``DataError``) name the
+    file and line: a malformed line, a negative class id, an image file that does not exist, text that is not UTF-8."""
     path = Path(path)
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            # the path may itself contain spaces: the class id is the last field
-            image, _, label = line.rpartition(" ")
-            if not image or not label.lstrip("-").isdigit():
-                raise ValueError(f"{path}:{number}: expected '<image path> <class id>', got {line!r}")
-            if int(label) < 0:
-                raise ValueError(f"{path}:{number}: class id {label} is negative")
-            samples.append((path.parent / image, int(label)))
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the list file: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    samples, missing = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        # the path may itself contain spaces: the class id is the last field
+        image, _, label = line.rpartition(" ")
+        if not image or not label.lstrip("-").isdigit():
+            raise DataError(f"{path}:{number}: expected '<image path> <class id>', got {line!r}")
+        if int(label) < 0:
+            raise DataError(f"{path}:{number}: class id {label} is negative")
+        samples.append((path.parent / image, int(label)))
+        if not samples[-1][0].is_file():  # one stat per image: cheap next to decoding it, and fails now, not mid-epoch
+            missing.append(f"line {number}: {image}")
+    if missing:
+        more = f" ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DataError(f"{path}: {len(missing)} image file(s) missing (paths relative to {path.parent}): "
+                        f"{'; '.join(missing[:5])}{more}")
     if not samples:
-        raise ValueError(f"{path}: no samples")
+        raise DataError(f"{path}: no samples")
     return samples
 
 
@@ -116,7 +133,7 @@ def list_split(root: str | Path, task: str, split: str) -> list[tuple[Path, int]
             if image.suffix.lower() in IMAGE_SUFFIXES
         ]
         if not samples:
-            raise ValueError(f"{split_dir}: no images (expected {split_dir}/<class>/<image>)")
+            raise DataError(f"{split_dir}: no images (expected {split_dir}/<class>/<image>)")
     elif list_file.is_file():
         samples = read_list_file(list_file)
     else:
@@ -125,7 +142,8 @@ def list_split(root: str | Path, task: str, split: str) -> list[tuple[Path, int]
         limit = VTAB_TASKS[task].num_classes
         bad = sorted({label for _, label in samples if label >= limit})
         if bad:
-            raise ValueError(f"VTAB-1k {task}/{split}: class id(s) {bad[:5]} out of range for its {limit} classes")
+            source = split_dir if split_dir.is_dir() else list_file
+            raise DataError(f"{source}: class id(s) {bad[:5]} out of range for its {limit} classes (VTAB-1k {task})")
     return samples
 
 
@@ -165,7 +183,7 @@ class HubSamples:
     def __init__(self, records, image_column: str, label_column: str, source: str):
         missing = [c for c in (image_column, label_column) if c not in records.column_names]
         if missing:
-            raise ValueError(f"{source}: column(s) {missing} missing; found {records.column_names}")
+            raise DataError(f"{source}: column(s) {missing} missing; found {records.column_names}")
         self.records, self.image_column, self.label_column = records, image_column, label_column
 
     def __len__(self) -> int:
