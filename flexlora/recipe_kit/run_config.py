@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from transformers import SchedulerType  # the names transformers.get_scheduler accepts
 
 METHODS = ("flexlora", "lora", "adalora")
 
@@ -334,6 +335,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "micro_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 errors.append(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size >= 1 and self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size:
+            errors.append(f"train.batch_size={self.batch_size} must be a multiple of train.micro_batch_size={self.micro_batch_size}")
+        if self.seed < 0:
+            errors.append(f"train.seed must be >= 0, got {self.seed}")
+        if self.lr_scheduler not in {t.value for t in SchedulerType}:
+            errors.append(f"train.lr_scheduler must be one of {', '.join(t.value for t in SchedulerType)}; got {self.lr_scheduler!r}")
         if self.max_steps is not None and self.max_steps < 1:
             errors.append(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.lr <= 0:

@@ -366,6 +366,9 @@ class DataConfig:
             errors.append(f"data.cutoff_len must be >= 8, got {self.cutoff_len}")
         if self.max_samples is not None and self.max_samples < 1:
             errors.append(f"data.max_samples must be >= 1 or null, got {self.max_samples}")
+        for name in ("synthetic_train_per_task", "synthetic_dev_per_task"):
+            if getattr(self, name) < 1:
+                errors.append(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if errors:
             raise ValueError("; ".join(errors))
 
