@@ -388,3 +388,22 @@ def test_kill_9_at_random_points_resumes_bit_for_bit(recipe, tiny_model_dir, tmp
         resumed, uninterrupted = load_file(out / path), load_file(reference / path)
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), path
+
+
+def test_a_missing_model_folder_is_named(recipe, tmp_path):
+    from flexlora.recipe_kit.models import resolve_model_location
+
+    with pytest.raises(FileNotFoundError, match="model.path ./no/such/model: no such folder"):
+        resolve_model_location("./no/such/model")
+    assert resolve_model_location("meta-llama/Meta-Llama-3-8B") == "meta-llama/Meta-Llama-3-8B"  # a hub id stays one
+
+
+def test_a_full_disk_names_the_checkpoint_it_could_not_write(recipe, tiny_model_dir, tmp_path, monkeypatch):
+    from flexlora.recipe_kit import checkpoints
+
+    def full(*args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")  # what torch.save says when the disk is full
+
+    monkeypatch.setattr(checkpoints.torch, "save", full)
+    with pytest.raises(checkpoints.CheckpointError, match=r"could not write checkpoint .*\.tmp_step_00000003 \(disk full"):
+        run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"eval.enabled": "false"})
