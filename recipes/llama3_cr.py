@@ -122,7 +122,14 @@ def main(argv: list[str] | None = None) -> None:
     model_name = Path(config.model.gguf_file).stem if config.model.gguf_file else Path(config.model.path.rstrip("/")).name
     examples = tokenize_rows(rows, tokenizer, config.data.cutoff_len, config.data.train_on_inputs, config.data.add_eos_token, progress=is_main, source=data_path)
     dataset = TokenizedDataset(examples)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, return_tensors="pt")
+    if config.data.packing:  # one padding-free sequence per micro-batch; refused where rows could see each other
+        from flexlora.recipe_kit.data.commonsense import PackedCollator
+
+        collator = PackedCollator(model.config._attn_implementation)
+        log.info("data.packing: each micro-batch is one padding-free sequence (attn_implementation=%s)",
+                 model.config._attn_implementation)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, return_tensors="pt")
 
     if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.activation_checkpointing:
         # FSDP's checkpoint wrapper renames every decoder layer (..._checkpoint_wrapped_module...), and PEFT's adapter

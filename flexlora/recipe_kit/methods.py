@@ -206,19 +206,17 @@ class PeftMethod(AdapterMethod):
         return self.ranks()
 
 
+def _common_peft_fields(config: FlexLoRAConfig, task_type: str | None) -> dict:
+    """What LoRA and AdaLoRA take from the FlexLoRA config as it is: alpha, dropout, targets, trained heads."""
+    return {"lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout, "target_modules": config.target_modules,
+            "modules_to_save": config.modules_to_save or None, "task_type": task_type}
+
+
 class LoRAMethod(PeftMethod):
     def __init__(self, model: nn.Module, config: FlexLoRAConfig, task_type: str | None):
         from peft import LoraConfig
 
-        peft_config = LoraConfig(
-            r=config.r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules,
-            modules_to_save=config.modules_to_save or None,
-            task_type=task_type,
-        )
-        super().__init__(model, peft_config, "lora")
+        super().__init__(model, LoraConfig(r=config.r, **_common_peft_fields(config, task_type)), "lora")
 
 
 class AdaLoRAMethod(PeftMethod):
@@ -240,11 +238,7 @@ class AdaLoRAMethod(PeftMethod):
             beta1=config.sensitivity_beta1,
             beta2=config.sensitivity_beta2,
             orth_reg_weight=config.orth_reg_weight,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules,
-            modules_to_save=config.modules_to_save or None,
-            task_type=task_type,
+            **_common_peft_fields(config, task_type),
         )
         super().__init__(model, peft_config, "adalora")
         if task_type is None:
