@@ -25,7 +25,7 @@ from .run_config import ConfigError, TrainingStopped, config_to_yaml, load_confi
 
 # Settings a resumed run may change: where and how it reports, checkpoints and scores, not what it trains.
 RESUMABLE_CHANGES = ("output_dir", "logging.", "checkpoint.", "eval.", "train.log_every", "model.attn_implementation",
-                     "model.gradient_checkpointing", "data.num_workers")
+                     "model.gradient_checkpointing", "data.num_workers", "data.packing")
 RUN_FILES = ("checkpoints", "train_log.jsonl", "eval.jsonl", "metrics.json")
 
 
