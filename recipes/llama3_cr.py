@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = tokenize_rows(rows, tokenizer, config.data.cutoff_len, config.data.train_on_inputs, config.data.add_eos_token, progress=is_main, source=data_path)
     dataset = TokenizedDataset(examples)
     if config.data.packing:  # one padding-free sequence per micro-batch; refused where rows could see each other
-        from flexlora.recipe_kit.data.commonsense import PackedCollator
+        from flexlora.recipe_kit.data.packing import PackedCollator
 
         collator = PackedCollator(model.config._attn_implementation)
         log.info("data.packing: each micro-batch is one padding-free sequence (attn_implementation=%s)",

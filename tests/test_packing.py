@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexlora.recipe_kit.data.commonsense import DataConfig, PackedCollator, block_causal_mask
+from flexlora.recipe_kit.data.commonsense import DataConfig
+from flexlora.recipe_kit.data.packing import PackedCollator, block_causal_mask
 
 LENGTHS = (5, 11, 3, 8)
 PROMPTS = (2, 6, 1, 3)  # prompt tokens per row: labels -100 there
