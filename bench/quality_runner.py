@@ -93,6 +93,23 @@ def execute(run: Run, out: Path, threads: int) -> dict:
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit()}
 
 
+def start_order(profile: Profile, tables: dict) -> dict[str, int]:
+    """Run id -> its group in the start order: lr sweeps (they release the rest), then the rows the verdicts compare
+    (FlexLoRA's default, LoRA, AdaLoRA), then commonsense, then everything else; a session that ends early has then
+    finished what decides the verdict. Within a group the longest runs go first, so the last minutes are not one job."""
+    verdict_rows = {profile.rows[0].label} | {row.label for row in profile.rows if row.method in ("lora", "adalora")}
+    groups = [
+        [run.id for sweep in sweep_runs(profile).values() for run in sweep],
+        [i for (label, _), ids in tables["methods"].items() if label in verdict_rows for i in ids],
+        [i for ids in tables["commonsense"].values() for i in ids],
+    ]
+    order: dict[str, int] = {}
+    for group, ids in enumerate(groups):
+        for run_id in ids:
+            order.setdefault(run_id, group)
+    return order
+
+
 def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads: int) -> dict[str, dict]:
     """Run every pending run, ``jobs`` at a time, planning again after each one (an lr sweep that finishes releases the
     runs that use its choice); each finished run's result file is written at once."""
@@ -108,12 +125,11 @@ def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads
     bar = tqdm(desc="quality runs", unit="run")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
         while True:
-            runs, _, _ = plan(profile, results)
+            runs, tables, _ = plan(profile, results)
             busy = {run.id for run in in_flight.values()}
             pending = [run for run in runs if not is_done(run, results) and run.id not in busy and run.id not in failed]
-            # lr sweeps first (they release the rest), then the longest runs, so the last minutes are not one job
-            sweeps = {run.id for sweep in sweep_runs(profile).values() for run in sweep}
-            pending.sort(key=lambda run: (run.id not in sweeps, -estimate_seconds(profile, run)))
+            order = start_order(profile, tables)
+            pending.sort(key=lambda run: (order.get(run.id, len(order)), -estimate_seconds(profile, run)))
             bar.total = len([run for run in runs if is_done(run, results)]) + len(busy) + len(pending)
             bar.refresh()
             while pending and len(in_flight) < jobs:
