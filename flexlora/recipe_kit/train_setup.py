@@ -98,4 +98,15 @@ def run_metrics(training: Training, train_seconds: float) -> dict:
         "train_seconds_this_run": round(train_seconds, 1),
         "total_active_rank": sum(method.ranks().values()),
         "rank_changes": len(method.history()),
+        "peak_memory": peak_memory(loop.accelerator.device),
     }
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak memory so far: tensors on a CUDA device (``torch.cuda.max_memory_allocated``), else the
+    process's peak resident set size (model loading included)."""
+    if device.type == "cuda":
+        return {"what": "cuda_max_memory_allocated", "mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+    import resource
+
+    return {"what": "max_rss", "mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
