@@ -291,6 +291,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     action.add_argument("--plan", action="store_true", help="print the runs and the estimated time, run nothing")
     action.add_argument("--dry-run", action="store_true", help="print the recipe command of every run plannable now")
     action.add_argument("--report", action="store_true", help="rewrite the report from the stored results, run nothing")
+    action.add_argument("--add-update-stats", action="store_true",
+                        help="add the learned-update statistics to stored GLUE results that lack them, from their recipe "
+                             "outputs still in --work-dir (runs made before they were recorded), then rewrite the report")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: the profile's)")
     parser.add_argument("--threads", type=int, help="torch threads per run; 0: torch's default (default: the profile's)")
     parser.add_argument("--set-glue", action="append", default=[], metavar="KEY=VALUE", help="extra override for every GLUE run")
@@ -335,7 +338,11 @@ def main(argv=None) -> int:
     command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     loads = [load_averages()]
     started = time.time()
-    if not args.report:
+    if args.add_update_stats:
+        from bench.quality_runner import add_update_statistics  # (it imports this module)
+
+        results = add_update_statistics(runs, runs_dir, work_dir, results)
+    elif not args.report:
         from bench.quality_runner import run_all  # (it imports this module)
 
         results = run_all(profile, runs_dir, work_dir, jobs, threads)

@@ -167,6 +167,22 @@ def allocation_table(results, cells, rows: tuple[Row, ...]) -> str:
                                    for t, label, n, moves, again, k in body])
 
 
+def update_table(results, cells) -> str:
+    """Per row and task: the learned update's size and effective rank at the end (runs that have them)."""
+    body = []
+    for (label, task), ids in cells.items():
+        done = [r for r in ok(results, ids) if "update_relative_norm" in r]
+        if done:
+            body.append([GLUE_METRICS[task][0], label, len(done),
+                         f"{100 * statistics.fmean(r['update_relative_norm'] for r in done):.2f}",
+                         f"{statistics.fmean(r['update_effective_rank'] for r in done):.2f}",
+                         cell([r["scores"][GLUE_METRICS[task][1][0]] for r in done])])
+    if not body:
+        return "(no run has them yet)"
+    return markdown_table(["task", "row", "runs", "||dW||_F / ||W||_F, % (mean over matrices)", "effective rank of dW",
+                           "score of those runs"], body)
+
+
 def commonsense_table(results, cells) -> str:
     header = ["method", "seeds", "items per task"] + [short for _, short in CR_TASKS] + ["avg"]
     body = []
@@ -230,6 +246,11 @@ def report(profile_name: str, profile: Profile, command: str, results: dict[str,
     parts += ["## Allocation: rank moves, re-pruned expansions, final rank per matrix kind (mean over layers and runs; "
               "FlexLoRA starts every matrix at 8 active directions, AdaLoRA at 12)",
               allocation_table(results, {**tables["methods"], **tables["ablations"]}, (*profile.rows, *profile.ablations)),
+              "## Learned update at the end of training",
+              "Read off each run's PEFT export with PEFT's `get_delta_weight` (the same code for every method): how far "
+              "the adapted matrices moved, and over how many directions (exp of the entropy of dW's normalised "
+              "singular values; at most the rank).",
+              update_table(results, {**tables["methods"], **tables["ablations"]}),
               "## Commonsense reasoning (Table 2 layout, LLM-Adapters protocol, accuracy)", commonsense_table(results, tables["commonsense"]),
               "## Validation curves (step:score x 100, every run)", curves_section(results, runs)]
     return "\n\n".join(parts) + "\n"

@@ -39,6 +39,50 @@ def allocation_statistics(out: Path) -> dict:
             "final_rank_by_kind": {kind: statistics.fmean(ranks) for kind, ranks in by_kind.items()}}
 
 
+def update_statistics(out: Path, task: str) -> dict:
+    """How large and how spread the learned update is at the end of a GLUE run, read off its PEFT export with PEFT's
+    own ``get_delta_weight`` (the same for every method): the mean over adapted matrices of ||Delta W||_F / ||W||_F,
+    and of Delta W's effective rank, exp(entropy of its normalised singular values)."""
+    import json as json_module
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from flexlora.recipe_kit.data.glue import GLUE_TASKS
+
+    base_path = json_module.loads((out / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=GLUE_TASKS[task].num_labels)
+    model = PeftModel.from_pretrained(base, out / "peft")
+    relative, effective = [], []
+    with torch.no_grad():
+        for module in model.modules():
+            if not hasattr(module, "get_delta_weight") or "default" not in getattr(module, "lora_A", {}):
+                continue
+            delta = module.get_delta_weight("default").float()
+            relative.append((delta.norm() / module.get_base_layer().weight.float().norm()).item())
+            singular = torch.linalg.svdvals(delta)
+            shares = singular / singular.sum().clamp_min(1e-30)
+            effective.append(torch.exp(-(shares * torch.log(shares.clamp_min(1e-30))).sum()).item())
+    if not relative:
+        raise RuntimeError(f"{out / 'peft'}: no adapted matrix found in the PEFT export")
+    return {"update_relative_norm": statistics.fmean(relative), "update_effective_rank": statistics.fmean(effective)}
+
+
+def add_update_statistics(runs: list[Run], runs_dir: Path, work_dir: Path, results: dict[str, dict]) -> dict[str, dict]:
+    """``--add-update-stats``: the statistics for finished GLUE runs recorded without them, where the run's outputs are
+    still in ``work_dir``; each updated result file is rewritten."""
+    for run in runs:
+        stored = results.get(run.id)
+        out = work_dir / run.id
+        if run.kind != "glue" or not is_done(run, results) or "update_relative_norm" in stored or not (out / "peft").is_dir():
+            continue
+        stored.update(update_statistics(out, run.task))
+        (runs_dir / f"{run.id}.json").write_text(json.dumps(stored, indent=1) + "\n")
+        print(f"{run.id}: update statistics added", flush=True)
+    return results
+
+
 def summarise(run: Run, out: Path) -> dict:
     """What the tables need, from the recipe's outputs (fractions, as the recipe writes them)."""
     metrics = json.loads((out / "metrics.json").read_text())
@@ -50,6 +94,7 @@ def summarise(run: Run, out: Path) -> dict:
         summary["scores"] = {name: metrics["final"][f"{split}/{name}"] for name in names if f"{split}/{name}" in metrics["final"]}
         main = metrics["main_metric"]
         summary["curve"] = [[row["step"], row[main]] for row in read_jsonl(out / "eval.jsonl")]
+        summary.update(update_statistics(out, run.task))
     else:
         results = metrics.get("eval", {}).get("llm-adapters")
         if not results:
