@@ -179,7 +179,7 @@ def update_table(results, cells) -> str:
                          cell([r["scores"][GLUE_METRICS[task][1][0]] for r in done])])
     if not body:
         return "(no run has them yet)"
-    return markdown_table(["task", "row", "runs", "||dW||_F / ||W||_F, % (mean over matrices)", "effective rank of dW",
+    return markdown_table(["task", "row", "runs", "‖dW‖_F / ‖W‖_F, % (mean over matrices)", "effective rank of dW",
                            "score of those runs"], body)
 
 

@@ -122,13 +122,18 @@ def main(argv: list[str] | None = None) -> None:
     model_name = Path(config.model.gguf_file).stem if config.model.gguf_file else Path(config.model.path.rstrip("/")).name
     examples = tokenize_rows(rows, tokenizer, config.data.cutoff_len, config.data.train_on_inputs, config.data.add_eos_token, progress=is_main, source=data_path)
     dataset = TokenizedDataset(examples)
-    if config.data.packing:  # one padding-free sequence per micro-batch; refused where rows could see each other
-        from flexlora.recipe_kit.data.packing import PackedCollator
+    # one padding-free sequence per micro-batch where rows stay apart (data.packing=auto|true), else padded batches
+    from flexlora.recipe_kit.data.packing import packed_collator_for
 
-        collator = PackedCollator(model.config._attn_implementation)
-        log.info("data.packing: each micro-batch is one padding-free sequence (attn_implementation=%s)",
-                 model.config._attn_implementation)
+    attn_implementation = model.config._attn_implementation
+    collator = packed_collator_for(config.data.packing, attn_implementation)  # true under eager etc.: a clear error
+    if collator is not None:
+        log.info("data.packing=%s: each micro-batch is one padding-free sequence (attn_implementation=%s)",
+                 str(config.data.packing).lower(), attn_implementation)
     else:
+        if config.data.packing == "auto":
+            log.info("data.packing=auto: padded micro-batches, since attn_implementation=%s cannot keep packed rows "
+                     "apart", attn_implementation)
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, return_tensors="pt")
 
     if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.activation_checkpointing:

@@ -161,6 +161,11 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     assert allocation["FlexLoRA, allocation frozen"]["rank moves per run"] == "0"
     assert all(1 <= number(moved[kind]) <= 12 for kind in "QKVAIO")
 
+    updates = {row["row"]: row for row in table_with(report, "task", "effective rank of dW")}
+    assert set(updates) >= {ROWS[0], "LoRA r=8", "AdaLoRA 12->8"}
+    assert all(number(row["‖dW‖_F / ‖W‖_F, % (mean over matrices)"]) > 0 and 1 <= number(row["effective rank of dW"]) <= 12
+               for row in updates.values())
+
     commonsense = table_with(report, "method", "BoolQ")
     assert [row["method"] for row in commonsense] == ["lora", "adalora", "flexlora"]
     assert all(0 <= number(row[c]) <= 100 for row in commonsense for c in ("BoolQ", "OBQA", "avg"))

@@ -1,11 +1,16 @@
 """data.packing: padding-free micro-batches give the padded run's loss, per-row losses and gradients."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from flexlora.recipe_kit.data.commonsense import DataConfig
-from flexlora.recipe_kit.data.packing import PackedCollator, block_causal_mask
+from flexlora.recipe_kit.data.packing import PackedCollator, block_causal_mask, packed_collator_for
+
+REPO = Path(__file__).resolve().parents[1]
 
 LENGTHS = (5, 11, 3, 8)
 PROMPTS = (2, 6, 1, 3)  # prompt tokens per row: labels -100 there
@@ -119,6 +124,69 @@ def test_eager_model_is_refused_by_its_config():
         PackedCollator(model.config._attn_implementation)
 
 
-def test_data_config_packing_default_off():
-    assert DataConfig().packing is False
-    assert DataConfig(packing=True).packing is True
+def test_data_config_packing_default_auto():
+    assert DataConfig().packing == "auto"
+    assert DataConfig(packing=True).packing is True and DataConfig(packing=False).packing is False
+
+
+@pytest.mark.parametrize("value", ["yes", "on", 1, 0, None, "Auto"])
+def test_data_config_refuses_other_packing_values(value):
+    with pytest.raises(ValueError, match="data.packing must be true, false or auto, got " + repr(value)):
+        DataConfig(packing=value)
+
+
+@pytest.mark.parametrize("override", ["data.packing=always", "data.packing=1", "data.packing=null"])
+def test_recipe_config_refuses_other_packing_values(override):
+    from flexlora.recipe_kit.run_config import ConfigError, load_config
+    from recipes.llama3_cr import RecipeConfig
+
+    with pytest.raises(ConfigError, match="data.packing"):
+        load_config(RecipeConfig, REPO / "recipes" / "configs" / "quickstart.yaml", [override])
+
+
+@pytest.mark.parametrize("override, expected", [([], "auto"), (["data.packing=true"], True), (["data.packing=false"], False)])
+def test_recipe_config_packing_values(override, expected):
+    from flexlora.recipe_kit.run_config import load_config
+    from recipes.llama3_cr import RecipeConfig
+
+    assert load_config(RecipeConfig, REPO / "recipes" / "configs" / "quickstart.yaml", override).data.packing == expected
+
+
+def test_auto_packs_where_exact_and_pads_elsewhere():
+    assert "attention_mask" in packed_collator_for("auto", "sdpa")(rows())
+    assert "attention_mask" not in packed_collator_for("auto", "flash_attention_2")(rows())
+    for attn in ("eager", "flex_attention", None):
+        assert packed_collator_for("auto", attn) is None, attn  # the default never fails on such a model
+    assert packed_collator_for(False, "sdpa") is None
+    assert isinstance(packed_collator_for(True, "sdpa"), PackedCollator)
+
+
+def test_explicit_packing_under_eager_is_refused():
+    with pytest.raises(ValueError, match="data.packing=true is not supported with attn_implementation='eager'"):
+        packed_collator_for(True, "eager")
+    with pytest.raises(ValueError, match="data.packing must be true, false or auto, got 'yes'"):
+        packed_collator_for("yes", "sdpa")
+
+
+def test_bench_smoke_writes_the_report(tmp_path):
+    """bench/packing.py end to end on a tiny random Llama and generated rows (timings are not asserted)."""
+    from bench.packing import main
+
+    threads = torch.get_num_threads()
+    try:
+        main(["--smoke", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark runs on one thread; the other tests do not
+    text = (tmp_path / "packing.md").read_text()
+    record = json.loads((tmp_path / "packing.json").read_text())
+    for header in ("| setting | config | rows | micro-batch |", "| setting | timed micro-batches | clock |", "## Verdict"):
+        assert header in text, header
+    assert set(record["settings"]) == {"quickstart", "llm_adapters"}
+    for setting in record["settings"].values():
+        assert 0 < setting["padding"]["padding_fraction"] < 1
+        assert setting["padding"]["real_tokens"] < setting["padding"]["padded_tokens"]
+        assert setting["agreement"]["abs_difference"] <= 1e-5
+        for clock in ("cpu", "wall"):
+            timing = setting["timing"][clock]
+            assert timing["ratio_q25"] <= timing["ratio_median"] <= timing["ratio_q75"]
+            assert timing["padded_tokens_per_s"] > 0 and timing["packed_tokens_per_s"] > 0

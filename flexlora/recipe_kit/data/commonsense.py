@@ -15,11 +15,12 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from . import DataError
+from .packing import packing_problem
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,6 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return self.examples[index]
 
 
-# attention implementations under which PackedCollator's batches keep rows apart (see its docstring)
 @dataclass
 class DataConfig:
     """Where the training rows come from and how they become token sequences."""
@@ -354,7 +354,9 @@ class DataConfig:
     cutoff_len: int = 256
     train_on_inputs: bool = True  # False: loss on the response tokens only
     add_eos_token: bool = True
-    packing: bool = False  # concatenate each micro-batch's rows into one sequence (no padding); sdpa/flash_attention_2 only
+    # padding-free micro-batches (each one sequence, rows kept apart): auto = under sdpa / flash_attention_2, where
+    # that is exact, padded under other attention; true = also, but refused under other attention; false = padded
+    packing: Literal[True, False, "auto"] = "auto"
     max_samples: int | None = None  # take this many rows (a seeded shuffle) instead of all; None = all
     synthetic_train_per_task: int = 2000
     synthetic_dev_per_task: int = 200
@@ -368,6 +370,8 @@ class DataConfig:
             errors.append(f"data.cutoff_len must be >= 8, got {self.cutoff_len}")
         if self.max_samples is not None and self.max_samples < 1:
             errors.append(f"data.max_samples must be >= 1 or null, got {self.max_samples}")
+        if problem := packing_problem(self.packing):
+            errors.append(problem)
         for name in ("synthetic_train_per_task", "synthetic_dev_per_task"):
             if getattr(self, name) < 1:
                 errors.append(f"data.{name} must be >= 1, got {getattr(self, name)}")

@@ -9,8 +9,29 @@ import torch
 PACKING_ATTENTION = ("sdpa", "flash_attention_2")
 
 
+def packing_problem(packing: object) -> str | None:
+    """What is wrong with a ``data.packing`` value, or None when it is one of true, false, auto."""
+    if isinstance(packing, bool) or packing == "auto":  # (1 == True: a number must not pass as a bool)
+        return None
+    return f"data.packing must be true, false or auto, got {packing!r}"
+
+
+def packed_collator_for(packing: bool | str, attn_implementation: str | None) -> PackedCollator | None:
+    """The collator ``data.packing`` asks for under the model's attention implementation; None = padded batches.
+
+    ``auto`` packs where packed rows provably stay apart (``PACKING_ATTENTION``) and pads under anything else, so the
+    default never fails on an eager model; ``true`` packs and refuses the others (PackedCollator's error); ``false``
+    pads.
+    """
+    if problem := packing_problem(packing):
+        raise ValueError(problem)
+    if packing == "auto":
+        packing = attn_implementation in PACKING_ATTENTION
+    return PackedCollator(attn_implementation) if packing else None
+
+
 class PackedCollator:
-    """Padding-free micro-batches (``data.packing=true``): the rows of a micro-batch concatenated into one sequence.
+    """Padding-free micro-batches (``data.packing``): the rows of a micro-batch concatenated into one sequence.
 
     Returns ``input_ids``, ``labels`` and ``position_ids`` of shape ``[1, total tokens]``: positions restart at 0 with
     every row, and the label of each row's first token is -100, so the last token of one row never learns to predict
@@ -22,7 +43,8 @@ class PackedCollator:
 
     - ``sdpa``: an explicit block-diagonal causal mask, bool ``[1, 1, T, T]`` (True = attend), which transformers
       passes to ``scaled_dot_product_attention`` unchanged (a 4-D mask is taken as prepared). Its memory and the
-      attention work grow with the square of the packed length: it saves the padded tokens, not attention work.
+      attention work grow with the square of the packed length: it saves the padded tokens, not attention work
+      (bench/results/packing.md measures the trade on the commonsense data).
     - ``flash_attention_2``: no mask; transformers' flash path reads row boundaries from ``position_ids`` and runs
       the variable-length kernel (as with ``transformers.DataCollatorWithFlattening``). Untested here (no GPU).
     - anything else (eager, flex_attention, ...) is refused: rows were not shown to stay apart there.
@@ -33,7 +55,7 @@ class PackedCollator:
             raise ValueError(
                 f"data.packing=true is not supported with attn_implementation={attn_implementation!r}: packed rows are "
                 f"only kept from attending to each other under {' or '.join(PACKING_ATTENTION)}; use "
-                "model.attn_implementation=sdpa or set data.packing=false"
+                "model.attn_implementation=sdpa, or data.packing=auto (padded batches there) or false"
             )
         self.attn_implementation = attn_implementation
 
