@@ -103,6 +103,8 @@ def _main_rows(seeds: tuple[int, ...], single: tuple[int, ...]) -> tuple[Row, ..
         Row("AdaLoRA 12->8", "adalora", seeds),
         Row("LoRA r=12 (equal capacity)", "lora", single, (("adapter.r", "12"),)),
         Row("FlexLoRA, allocation frozen", "flexlora", single, (("adapter.b0", "0"),)),
+        # beyond the paper: lambda at 10x the lr, about sqrt(d_out / 3) for MiniLM's width 384 (flexlora.param_groups)
+        Row("FlexLoRA, lambda lr x 10", "flexlora", seeds, (("train.lambda_lr_multiplier", "10"),)),
     )
 
 
@@ -294,6 +296,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     action.add_argument("--add-update-stats", action="store_true",
                         help="add the learned-update statistics to stored GLUE results that lack them, from their recipe "
                              "outputs still in --work-dir (runs made before they were recorded), then rewrite the report")
+    parser.add_argument("--only", nargs="+", metavar="RUN_ID", help="run just these planned runs (ids as --plan prints them)")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: the profile's)")
     parser.add_argument("--threads", type=int, help="torch threads per run; 0: torch's default (default: the profile's)")
     parser.add_argument("--set-glue", action="append", default=[], metavar="KEY=VALUE", help="extra override for every GLUE run")
@@ -329,6 +332,11 @@ def main(argv=None) -> int:
           + (f" and more once the lr sweep has chosen ({', '.join(waiting)})" if waiting else "")
           + f"; estimated {estimate / 3600:.1f} h of run time for all, {estimate / 3600 / jobs:.1f} h of wall time at {jobs} at a time",
           flush=True)
+    if args.only:
+        unknown = sorted(set(args.only) - {run.id for run in runs})
+        if unknown:
+            raise SystemExit(f"--only: {', '.join(unknown)} not among the runs plannable now (see --plan)")
+        remaining = [run for run in remaining if run.id in args.only]
     if args.plan or args.dry_run:
         for run in remaining:
             line = f"accelerate launch {RECIPES[run.kind].relative_to(ROOT)} " + " ".join(run.args) if args.dry_run else \
@@ -345,7 +353,7 @@ def main(argv=None) -> int:
     elif not args.report:
         from bench.quality_runner import run_all  # (it imports this module)
 
-        results = run_all(profile, runs_dir, work_dir, jobs, threads)
+        results = run_all(profile, runs_dir, work_dir, jobs, threads, only=set(args.only or ()))
     loads.append(load_averages())
     args.out.mkdir(parents=True, exist_ok=True)
     from bench.quality_report import report  # (it imports this module)

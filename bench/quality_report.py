@@ -117,9 +117,9 @@ def convergence_table(profile: Profile, results, cells) -> tuple[str, dict[str, 
     return markdown_table(header, body), converged
 
 
-def verdict_table(profile: Profile, results, cells, converged: dict[str, bool]) -> str:
+def verdict_table(profile: Profile, results, cells, converged: dict[str, bool], others: list[Row]) -> str:
+    """FlexLoRA's default row (the first) against each of ``others``, per task and on the GLUE average."""
     flex = profile.rows[0]
-    others = [row for row in profile.rows[1:] if row.method in ("lora", "adalora")]
     body = []
     tasks = [task for task in profile.glue_tasks if (flex.label, task) in cells]
     for task in tasks:
@@ -238,7 +238,13 @@ def report(profile_name: str, profile: Profile, command: str, results: dict[str,
               "seed.", convergence,
               "## Did FlexLoRA win?", "Better / worse only when the difference of means exceeds the larger seed std of "
               "the two; with one seed on both sides there is no std and any difference counts.",
-              verdict_table(profile, results, tables["methods"], converged)]
+              verdict_table(profile, results, tables["methods"], converged,
+                            [row for row in profile.rows[1:] if row.method in ("lora", "adalora")]),
+              "## FlexLoRA's default against its variants",
+              "The same rule; **better** means the default beats the variant, **worse** that the variant beats the "
+              "default. A switch becomes the default only if it is better on every task.",
+              verdict_table(profile, results, tables["methods"], converged,
+                            [row for row in profile.rows[1:] if row.method == "flexlora"])]
     if profile.ablations:
         parts += ["## FlexLoRA switches (importance metric, prune / expand, expansion init; paper Tables 4-6)",
                   methods_table(profile, results, {**tables["methods"], **tables["ablations"]}, (profile.rows[0], *profile.ablations),

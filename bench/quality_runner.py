@@ -155,9 +155,9 @@ def start_order(profile: Profile, tables: dict) -> dict[str, int]:
     return order
 
 
-def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads: int) -> dict[str, dict]:
-    """Run every pending run, ``jobs`` at a time, planning again after each one (an lr sweep that finishes releases the
-    runs that use its choice); each finished run's result file is written at once."""
+def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads: int, only: set[str] = frozenset()) -> dict[str, dict]:
+    """Run every pending run (or those of ``only``), ``jobs`` at a time, planning again after each one (an lr sweep
+    that finishes releases the runs that use its choice); each finished run's result file is written at once."""
     from tqdm.auto import tqdm
 
     results = load_results(runs_dir)
@@ -172,7 +172,8 @@ def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads
         while True:
             runs, tables, _ = plan(profile, results)
             busy = {run.id for run in in_flight.values()}
-            pending = [run for run in runs if not is_done(run, results) and run.id not in busy and run.id not in failed]
+            pending = [run for run in runs if not is_done(run, results) and run.id not in busy and run.id not in failed
+                       and (not only or run.id in only)]
             order = start_order(profile, tables)
             pending.sort(key=lambda run: (order.get(run.id, len(order)), -estimate_seconds(profile, run)))
             bar.total = len([run for run in runs if is_done(run, results)]) + len(busy) + len(pending)

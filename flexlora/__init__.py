@@ -5,6 +5,7 @@ from .config import FlexLoRAConfig
 from .export import export_peft, load_adapters, save_adapters
 from .layer import FlexLoRALayer
 from .model import Adapters, inject
+from .optim_state import param_groups
 
 __all__ = [
     "Adapters",
@@ -15,5 +16,6 @@ __all__ = [
     "export_peft",
     "inject",
     "load_adapters",
+    "param_groups",
     "save_adapters",
 ]

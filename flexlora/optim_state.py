@@ -39,3 +39,27 @@ def reset_slot_state(optimizer, param: torch.Tensor, slot: int, slot_dim: int) -
     for piece in pieces:
         write_slot(piece, slot, slot_dim, 0.0)
     return len(pieces)
+
+
+def param_groups(model: torch.nn.Module, lr: float, lambda_lr_multiplier: float = 1.0) -> list[dict]:
+    """Optimizer parameter groups for every trainable parameter of ``model``: FlexLoRA's lambda vectors at
+    ``lr * lambda_lr_multiplier``, everything else at ``lr``. A multiplier of 1 is the paper's single group.
+
+    Why a separate rate can matter (beyond the paper): under Adam every parameter moves by about the lr per step, so a
+    step on the r entries of lambda changes ||Delta W||_F by about lr * sqrt(r) * scaling (P and Q have unit columns
+    once the orthogonality regulariser holds), while a LoRA step on B [d_out, r] changes it by about
+    lr * sqrt(d_out * r) * |A row| * scaling: the SVD form's update grows about sqrt(d_out) times slower at the same lr.
+    LR schedulers scale every group by the same factor, so the ratio holds throughout.
+    """
+    if not (lambda_lr_multiplier > 0 and lambda_lr_multiplier < float("inf")):
+        raise ValueError(f"lambda_lr_multiplier must be a finite number > 0, got {lambda_lr_multiplier}")
+    lambdas, others = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (lambdas if name.rpartition(".")[2] == "lora_lambda" else others).append(param)
+    if lambda_lr_multiplier != 1.0 and not lambdas:
+        raise ValueError("lambda_lr_multiplier is set but the model has no trainable FlexLoRA lambda (lora_lambda) parameters")
+    groups = [{"params": others, "lr": lr}] if others else []
+    if lambdas:
+        groups.append({"params": lambdas, "lr": lr * lambda_lr_multiplier})
+    return groups

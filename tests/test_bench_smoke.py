@@ -161,6 +161,9 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     assert allocation["FlexLoRA, allocation frozen"]["rank moves per run"] == "0"
     assert all(1 <= number(moved[kind]) <= 12 for kind in "QKVAIO")
 
+    variants = table_with(report, "task", "FlexLoRA r=8 (cap 12) vs FlexLoRA, lambda lr x 10")
+    assert [row["task"].split()[0] for row in variants] == ["STS-B", "GLUE"]
+
     updates = {row["row"]: row for row in table_with(report, "task", "effective rank of dW")}
     assert set(updates) >= {ROWS[0], "LoRA r=8", "AdaLoRA 12->8"}
     assert all(number(row["‖dW‖_F / ‖W‖_F, % (mean over matrices)"]) > 0 and 1 <= number(row["effective rank of dW"]) <= 12
@@ -174,8 +177,8 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     stored = sorted(p.name for p in (out / "quality_smoke_runs").iterdir())
     results = json.loads((out / "quality_smoke.json").read_text())["runs"]
     assert all(run["status"] == "ok" for run in results), [r for r in results if r["status"] != "ok"]
-    # lr sweep 3 methods x 2; 6 methods-table rows at their chosen lr, 3 of them the sweep's runs; 1 switch; commonsense 3
-    assert len(results) == len(stored) == 6 + 3 + 1 + 3
+    # lr sweep 3 methods x 2; 7 methods-table rows at their chosen lr, 3 of them the sweep's runs; 1 switch; commonsense 3
+    assert len(results) == len(stored) == 6 + 4 + 1 + 3
     assert all(run["commit"] and run["args"] and "output_dir" not in " ".join(run["args"]) for run in results)
 
 

@@ -407,3 +407,12 @@ def test_a_full_disk_names_the_checkpoint_it_could_not_write(recipe, tiny_model_
     monkeypatch.setattr(checkpoints.torch, "save", full)
     with pytest.raises(checkpoints.CheckpointError, match=r"could not write checkpoint .*\.tmp_step_00000003 \(disk full"):
         run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"eval.enabled": "false"})
+
+
+def test_lambda_lr_multiplier_is_refused_for_methods_without_lambda(recipe, tiny_model_dir, tmp_path):
+    from flexlora.recipe_kit.run_config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.lambda_lr_multiplier=2 applies to FlexLoRA's lambda only; method=lora"):
+        run_recipe(recipe, tiny_model_dir, tmp_path / "lora", method="lora", **{"train.lambda_lr_multiplier": 2})
+    with pytest.raises(ValueError, match=r"train.lambda_lr_multiplier must be > 0, got -1"):
+        run_recipe(recipe, tiny_model_dir, tmp_path / "neg", **{"train.lambda_lr_multiplier": -1})

@@ -103,3 +103,44 @@ def test_heatmap_labels_name_the_matrices_of_llama_bert_deberta_and_vit():
         "classifier.dense": "dense",
     }
     assert {name: short_module_name(name) for name in names} == names
+
+
+def test_param_groups_give_lambda_its_own_learning_rate():
+    import pytest
+
+    model = make_tiny_llama().train()
+    flexlora.inject(model, FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    single = flexlora.param_groups(model, 1e-3)
+    assert [group["lr"] for group in single] == [1e-3, 1e-3]
+    boosted = flexlora.param_groups(model, 1e-3, lambda_lr_multiplier=10.0)
+    assert [group["lr"] for group in boosted] == [1e-3, pytest.approx(1e-2)]
+    assert {id(p) for group in boosted for p in group["params"]} == trainable  # every trainable parameter, once
+    lambdas = {id(layer.lora_lambda) for layer in model.modules() if hasattr(layer, "lora_lambda")}
+    assert {id(p) for p in boosted[1]["params"]} == lambdas
+
+    def first_step_moves(multiplier: float) -> tuple[float, float]:
+        torch.manual_seed(0)
+        fresh = make_tiny_llama().train()
+        flexlora.inject(fresh, FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8))
+        before = {n: p.detach().clone() for n, p in fresh.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.AdamW(flexlora.param_groups(fresh, 1e-3, multiplier), weight_decay=0.0)
+        ids = batch()
+        fresh(ids, labels=ids).loss.backward()
+        optimizer.step()
+        moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in fresh.named_parameters() if n in before}
+        return (max(v for n, v in moved.items() if n.endswith("lora_lambda")),
+                max(v for n, v in moved.items() if n.endswith("lora_P")))
+
+    lam_1, p_1 = first_step_moves(1.0)
+    lam_10, p_10 = first_step_moves(10.0)
+    assert lam_10 == pytest.approx(10 * lam_1, rel=1e-3)  # Adam's first step is lr x sign: 10x the lr, 10x the move
+    assert p_10 == pytest.approx(p_1, rel=1e-6)
+    with pytest.raises(ValueError, match="lambda_lr_multiplier must be a finite number > 0"):
+        flexlora.param_groups(model, 1e-3, 0.0)
+    plain = make_tiny_llama()
+    for param in plain.parameters():
+        param.requires_grad_(False)
+    plain.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="no trainable FlexLoRA lambda"):
+        flexlora.param_groups(plain, 1e-3, 2.0)

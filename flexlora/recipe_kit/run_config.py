@@ -319,6 +319,8 @@ class TrainConfig:
     micro_batch_size: int = 4
     lr: float = 3e-4
     weight_decay: float = 0.0
+    # FlexLoRA only, beyond the paper: lambda's lr = lr x this (flexlora.param_groups says why); 1 = the paper
+    lambda_lr_multiplier: float = 1.0
     lr_scheduler: str = "linear"  # any transformers.get_scheduler name
     warmup_steps: int = 100
     warmup_ratio: float | None = None  # warmup as a share of all steps (Tables 8 / 11); when set it replaces warmup_steps
@@ -345,6 +347,8 @@ class TrainConfig:
             errors.append(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.lr <= 0:
             errors.append(f"train.lr must be > 0, got {self.lr}")
+        if self.lambda_lr_multiplier <= 0:
+            errors.append(f"train.lambda_lr_multiplier must be > 0, got {self.lambda_lr_multiplier}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             errors.append("train.warmup_steps, train.max_grad_norm and train.weight_decay must be >= 0")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:

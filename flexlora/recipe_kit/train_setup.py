@@ -15,9 +15,12 @@ import torch.nn as nn
 from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
+from flexlora.optim_state import param_groups
+
 from .loop import TrainingRun, TrainLoop, batches_per_process, steps_per_epoch
 from .methods import AdapterMethod, build_method
 from .records import plot_rank_heatmap
+from .run_config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,10 @@ def build_training(config, accelerator, model: nn.Module, dataset, collator: Cal
     trained_extra = sum(p.numel() for n, p in method.model.named_parameters() if p.requires_grad and ".lora_" not in n)
     log.info("method %s: %s adapter parameters allocated (+%s in trained heads), %d target matrices, total active rank %d",
              config.method, f"{params:,}", f"{trained_extra:,}", len(method.initial_ranks()), sum(method.ranks().values()))
-    optimizer = torch.optim.AdamW([p for p in method.model.parameters() if p.requires_grad], lr=train.lr,
+    if train.lambda_lr_multiplier != 1.0 and config.method != "flexlora":
+        raise ConfigError(f"train.lambda_lr_multiplier={train.lambda_lr_multiplier:g} applies to FlexLoRA's lambda only; "
+                          f"method={config.method} has none (leave it at 1)")
+    optimizer = torch.optim.AdamW(param_groups(method.model, train.lr, train.lambda_lr_multiplier), lr=train.lr,
                                   weight_decay=train.weight_decay)
     prepared, optimizer = accelerator.prepare(method.model, optimizer)  # one call: FSDP2 shards model and optimizer together
     # Stepped once per optimizer step by hand: accelerate's prepared scheduler steps once per process.
