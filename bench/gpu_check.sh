@@ -9,6 +9,7 @@
 # `python`). Each step's log goes to <out>/logs/<step>.log; a failed step is recorded and the next one still runs.
 #  1. env:      GPU, torch / CUDA, and the attention implementation used: flash_attention_2 if flash_attn imports, else sdpa
 #  2. overhead: the LLaMA3-8B-slice table (bench/overhead.py; 8 layers, bf16, batch 4 x 1024) -> <out>/overhead/
+#     packing:  packed micro-batches equal padded ones under every attention implementation present (flash-attn on a GPU)
 #  3. cr-<method>: SmolLM2-135M-Instruct on commonsense, LoRA / AdaLoRA / FlexLoRA, bf16, 40 steps with one
 #     allocation step (step 20), scored on 20 dev items per task -> <out>/cr-<method>/
 #  4. fsdp2:    FlexLoRA under FSDP2 in one process (allocation, checkpoint, adapter + PEFT export, scored in process),
@@ -93,6 +94,7 @@ CONFIG=(--config recipes/configs/quickstart.yaml "${MODEL[@]}" model.attn_implem
         logging.tensorboard=false checkpoint.resume=false)
 
 step overhead "$PYTHON" -m bench.overhead "${OVERHEAD[@]}" --out "$OUT/overhead"
+step packing "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_packing.py -k packed_matches_padded
 for method in lora adalora flexlora; do
     step "cr-$method" launch --config_file "$SINGLE" recipes/llama3_cr.py "${CONFIG[@]}" method="$method" \
         adapter.lora_dropout=0.0 output_dir="$OUT/cr-$method"

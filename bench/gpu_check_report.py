@@ -89,6 +89,11 @@ def write_summary(out: Path, seconds: int, command: str) -> int:
         parts += [f"## Overhead ({overhead.relative_to(out)})", "", _section(text, "Setup"), "",
                   _section(text, "1. Train step (normal steps)"), "", "Targets:", "", _section(text, "Targets"), ""]
 
+    packing_log = out / "logs" / "packing.log"
+    if packing_log.is_file():
+        lines = [line for line in packing_log.read_text().splitlines() if line.strip()]
+        parts += ["## Packed = padded micro-batches (tests/test_packing.py)", "", "```", *lines[-4:], "```", ""]
+
     rows = []
     for method in METHODS:
         metrics = _read_json(out / f"cr-{method}" / "metrics.json")

@@ -25,9 +25,10 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
 
     summary = (out / "summary.md").read_text()
     steps = {row["step"]: row["exit status"] for row in table_with(summary, "step", "exit status")}
-    assert steps == dict.fromkeys(["overhead", "cr-lora", "cr-adalora", "cr-flexlora", "fsdp2", "fsdp2-reload"], "0")
+    assert steps == dict.fromkeys(["overhead", "packing", "cr-lora", "cr-adalora", "cr-flexlora", "fsdp2", "fsdp2-reload"], "0")
     assert json.loads((out / "env.json").read_text())["attn_implementation"] == "sdpa"
     assert (out / "overhead" / "overhead.md").is_file() and "## Overhead" in summary
+    assert "1 passed, 1 skipped" in summary.split("## Packed = padded")[1]  # flash-attention needs a GPU
 
     runs = {row["method"]: row for row in table_with(summary, "method", "rank changes")}
     assert set(runs) == {"lora", "adalora", "flexlora"}
