@@ -184,8 +184,8 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
 
 def test_quality_sweep_resumes_instead_of_rerunning(quality):
     _, first, again, _ = quality
-    assert "13 runs in all, 0 finished, 9 to run now and more once the lr sweep has chosen" in first
-    assert "13 runs in all, 13 finished, 0 to run now" in again
+    assert "14 runs in all, 0 finished, 9 to run now and more once the lr sweep has chosen" in first
+    assert "14 runs in all, 14 finished, 0 to run now" in again
 
 
 def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
@@ -206,7 +206,7 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
 
     profile = PROFILES["cpu"]
     runs, tables, waiting = plan(profile, {})
-    assert len(runs) == 3 * 4 + 3 * 2 and len(waiting) == 6  # the sweep and commonsense; the rest waits for the sweep
+    assert len(runs) == 3 * 4 + 3 * 2 and len(waiting) == 7  # the sweep and commonsense; the rest waits for the sweep
     # the sweep picks x 2 for FlexLoRA (its seed-0 STS-B run is reused), x 0.5 for LoRA and AdaLoRA
     picked = {"lora": 0.5, "adalora": 0.5, "flexlora": 2.0}
     results = {run.id: {"status": "ok", "scores": {"pearson": 0.8 if run.lr_multiple == picked[method] else 0.7}}
@@ -220,8 +220,15 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     assert {"adapter.orth_reg=eq2_sum", "train.seed=1", "adapter.seed=1", "train.lr=0.0016"} <= set(eq2.args)  # 2 x 8e-4
     lora12 = next(run for run in runs if run.id == "glue-mrpc-lora-r12-lr0.5x-s0")
     assert {"adapter.r=12", "train.lr=0.0005", "train.batch_size=32", "train.max_steps=348"} <= set(lora12.args)
-    # 12 sweep + 6 commonsense + 3 tasks x (4 rows x 3 seeds + 2 single) - 3 sweep runs reused
-    assert len(runs) == 12 + 6 + 3 * 14 - 3
+    # 12 sweep + 6 commonsense + 3 tasks x (5 rows x 3 seeds + 2 single) - 3 sweep runs reused
+    assert len(runs) == 12 + 6 + 3 * 17 - 3
+    # start order: lr sweeps, then the rows the verdicts compare, then commonsense, then the switches
+    from bench.quality_runner import start_order
+
+    order = start_order(profile, tables)
+    assert order["glue-stsb-lora-lr0.5x-s0"] == 0 and order["glue-mrpc-flexlora-lr2x-s2"] == 1
+    assert order["glue-cola-lora-r12-lr0.5x-s0"] == 1 and order["cr-flexlora-s1"] == 2
+    assert "glue-cola-flexlora-lambda_lr_multiplier10-lr2x-s0" not in order  # last: after every group
 
     history = [  # expand at 10, pruned again at the next allocation step (20); the other expansion survives
         {"step": 10, "module": "a.q_proj", "action": "expand"}, {"step": 10, "module": "a.v_proj", "action": "prune"},
