@@ -86,6 +86,7 @@ class Profile:
     jobs: int
     threads: int
     note: str
+    early_rows: tuple[str, ...] = ()  # row labels started right after the verdicts' rows (see quality_runner.start_order)
 
 
 def _schedule(steps: int, every: int) -> dict:
@@ -153,6 +154,8 @@ PROFILES = {
         note="all-MiniLM-L6-v2 on the full STS-B / CoLA / MRPC train sets for 2-3 epochs, and SmolLM2-135M-Instruct on "
              "commonsense at the quickstart's scale (240 steps, 50 dev items per task): a CPU stand-in for the paper's "
              "DeBERTaV3 / LLaMA3-8B runs",
+        # the SVD form's update stayed 3-4x smaller than LoRA's (update statistics); this is the switch aimed at that
+        early_rows=("FlexLoRA, lambda lr x 10",),
     ),
     # The paper's settings: Table 8 configs (DeBERTaV3-base, full epochs), Table 9 (LLaMA3-8B); 5 seeds on GLUE.
     "full": Profile(

@@ -222,13 +222,14 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     assert {"adapter.r=12", "train.lr=0.0005", "train.batch_size=32", "train.max_steps=348"} <= set(lora12.args)
     # 12 sweep + 6 commonsense + 3 tasks x (5 rows x 3 seeds + 2 single) - 3 sweep runs reused
     assert len(runs) == 12 + 6 + 3 * 17 - 3
-    # start order: lr sweeps, then the rows the verdicts compare, then commonsense, then the switches
+    # start order: lr sweeps, the rows the verdicts compare, the early switch, commonsense, then the other switches
     from bench.quality_runner import start_order
 
     order = start_order(profile, tables)
     assert order["glue-stsb-lora-lr0.5x-s0"] == 0 and order["glue-mrpc-flexlora-lr2x-s2"] == 1
-    assert order["glue-cola-lora-r12-lr0.5x-s0"] == 1 and order["cr-flexlora-s1"] == 2
-    assert "glue-cola-flexlora-lambda_lr_multiplier10-lr2x-s0" not in order  # last: after every group
+    assert order["glue-cola-lora-r12-lr0.5x-s0"] == 1 and order["glue-cola-flexlora-lambda_lr_multiplier10-lr2x-s1"] == 2
+    assert order["cr-flexlora-s1"] == 3
+    assert "glue-cola-flexlora-orth_regeq2_sum-lr2x-s0" not in order  # last: after every group
 
     history = [  # expand at 10, pruned again at the next allocation step (20); the other expansion survives
         {"step": 10, "module": "a.q_proj", "action": "expand"}, {"step": 10, "module": "a.v_proj", "action": "prune"},
