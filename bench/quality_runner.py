@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,13 +112,28 @@ def _commit() -> str:
         return "no git"
 
 
+RUN_ARGS_FILE = "bench_run_args.json"
+
+
+def prepare_output_dir(run: Run, out: Path) -> None:
+    """Keep ``out`` only if it holds this very run (same recipe arguments), so an interrupted run resumes from its
+    checkpoint; otherwise empty it first. A profile change that leaves the training settings alone (e.g. a new
+    evaluation interval) would otherwise resume the old finished checkpoint and store its scores as a new run."""
+    if out.exists():
+        args_file = out / RUN_ARGS_FILE
+        if not args_file.exists() or json.loads(args_file.read_text()) != list(run.args):
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_ARGS_FILE).write_text(json.dumps(list(run.args)))
+
+
 def execute(run: Run, out: Path, threads: int) -> dict:
     """Run one recipe in this (fresh) process, its output in <out>/run.log; never raises."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(run, out)
     started = time.time()
     saved = os.dup(1), os.dup(2)
     with open(out / "run.log", "w") as log_file:

@@ -188,6 +188,25 @@ def test_quality_sweep_resumes_instead_of_rerunning(quality):
     assert "14 runs in all, 14 finished, 0 to run now" in again
 
 
+def test_quality_run_output_dir_is_reused_only_by_the_same_run(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench.quality import Run
+    from bench.quality_runner import prepare_output_dir
+
+    out = tmp_path / "glue-cola-lora-lr1x-s0"
+    old = Run(out.name, "glue", "cola", "lora", 0, 1.0, ("--config", "c.yaml", "train.max_steps=540"))
+    prepare_output_dir(old, out)
+    (out / "checkpoint-540").mkdir()
+    prepare_output_dir(old, out)  # the same run, interrupted: its checkpoint stays for the resume
+    assert (out / "checkpoint-540").is_dir()
+    longer = Run(out.name, "glue", "cola", "lora", 0, 1.0, ("--config", "c.yaml", "train.max_steps=1068"))
+    prepare_output_dir(longer, out)  # same id, other settings: starts from an empty directory
+    assert sorted(path.name for path in out.iterdir()) == ["bench_run_args.json"]
+    (tmp_path / "unlabelled" / "checkpoint-9").mkdir(parents=True)  # written before runs were labelled
+    prepare_output_dir(Run("unlabelled", "glue", "cola", "lora", 0, 1.0, ()), tmp_path / "unlabelled")
+    assert not (tmp_path / "unlabelled" / "checkpoint-9").exists()
+
+
 def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     sys.path.insert(0, str(ROOT))
     from bench.quality import PROFILES, best_multiples, plan, sweep_runs
