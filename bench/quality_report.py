@@ -25,12 +25,13 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def cell(values: list[float]) -> str:
-    """x100, mean +- sample std over seeds ('-' when no run finished)."""
+def cell(values: list[float], planned: int = 0) -> str:
+    """x100, mean +- sample std over seeds ('-' when no run finished; "(n of N)" while fewer than the ``planned``
+    seeds have)."""
     if not values:
         return "-"
     mean, std = mean_std([100 * v for v in values])
-    return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+    return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "") + (f" ({len(values)} of {planned})" if len(values) < planned else "")
 
 
 def ok(results: dict[str, dict], run_ids: list[str]) -> list[dict]:
@@ -78,13 +79,13 @@ def methods_table(profile: Profile, results, cells, rows: tuple[Row, ...], tasks
             continue
         ids = [i for task in tasks for i in cells[(row.label, task)]]
         done = ok(results, ids)
-        line = [row.label, len(ok(results, cells[(row.label, tasks[0])])),
+        line = [row.label, len(row.seeds),
                 f"{statistics.fmean(r['adapter_parameters'] for r in done):,.0f}" if done else "-"]
         means = []
         for task in tasks:
             for k, metric in enumerate(GLUE_METRICS[task][1]):
                 values = scores(results, cells[(row.label, task)], metric)
-                line.append(cell(values))
+                line.append(cell(values, len(row.seeds)))
                 if k == 0 and values:
                     means.append(100 * statistics.fmean(values))
         line.append(f"{statistics.fmean(means):.1f}" if len(means) == len(tasks) else "-")

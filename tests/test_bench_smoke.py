@@ -216,6 +216,7 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     assert cell([]) == "-"
     assert cell([0.5]) == "50.0"
     assert cell([0.5, 0.7]) == "60.0 ± 14.1"  # sample std of 50 and 70
+    assert cell([0.5, 0.7], planned=3) == "60.0 ± 14.1 (2 of 3)" and cell([0.5, 0.7], planned=2) == "60.0 ± 14.1"
     assert verdict([0.80, 0.82], [0.70, 0.72]).startswith("**better** (+10.0, std 1.4)")
     assert verdict([0.70, 0.72], [0.80, 0.82]).startswith("**worse** (-10.0")
     assert verdict([0.70, 0.80], [0.74, 0.76]).startswith("within noise (+0.0")
