@@ -150,6 +150,7 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
 
     convergence = table_with(report, "task", "LoRA r=8: last-two gap per seed (points)")
     assert [row["task"] for row in convergence] == ["STS-B"] and convergence[0]["converged (< 0.5)"] in ("yes", "no")
+    assert convergence[0]["of its seed mean"] == "-"  # one seed: no mean curve
     verdicts = table_with(report, "task", "FlexLoRA r=8 (cap 12) vs LoRA r=8")
     assert [row["task"].split(" (")[0] for row in verdicts] == ["STS-B pearson", "GLUE average"]
     assert all(re.match(r"(\*\*better\*\*|\*\*worse\*\*|within noise|equal) \(", row["FlexLoRA r=8 (cap 12) vs LoRA r=8"])
@@ -210,7 +211,7 @@ def test_quality_run_output_dir_is_reused_only_by_the_same_run(tmp_path):
 def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     sys.path.insert(0, str(ROOT))
     from bench.quality import PROFILES, best_multiples, plan, sweep_runs
-    from bench.quality_report import cell, verdict
+    from bench.quality_report import cell, seed_mean_gap, verdict
     from bench.quality_runner import allocation_statistics
 
     assert cell([]) == "-"
@@ -223,6 +224,10 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     assert verdict([0.6], [0.5]) == "**better** (+10.0, one seed)"
     assert verdict([0.5], [0.5]) == "equal (+0.0, one seed)"
     assert verdict([], [0.5]) == "not measured"
+    # seeds that move in opposite directions (2 points up, 1 down): their mean moves 0.5
+    assert seed_mean_gap([[[10, 0.70], [20, 0.72]], [[10, 0.73], [20, 0.72]]]) == pytest.approx(0.5)
+    assert seed_mean_gap([[[10, 0.70], [20, 0.72]]]) is None  # one seed
+    assert seed_mean_gap([[[10, 0.70], [20, 0.72]], [[10, 0.73], [30, 0.72]]]) is None  # scored at other steps
 
     profile = PROFILES["cpu"]
     runs, tables, waiting = plan(profile, {})
