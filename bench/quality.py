@@ -63,6 +63,8 @@ class Row:
     seeds: tuple[int, ...]
     overrides: tuple[tuple[str, str], ...] = ()
     lr_of: str = ""  # whose sweep picks the lr (default: the row's own method)
+    steps_scale: int = 1  # x the task's optimizer steps (allocation schedule scaled along; same scoring interval)
+    tasks: tuple[str, ...] = ()  # where it runs (default: every task of its table)
 
     @property
     def lr_method(self) -> str:
@@ -87,6 +89,8 @@ class Profile:
     threads: int
     note: str
     early_rows: tuple[str, ...] = ()  # row labels started right after the verdicts' rows (see quality_runner.start_order)
+    # a methods row again on a longer schedule (same seed): did its score stop moving at the standard length?
+    longer: tuple[Row, ...] = ()
 
 
 def _schedule(steps: int, every: int) -> dict:
@@ -126,6 +130,7 @@ PROFILES = {
                      "train.micro_batch_size": 8, "logging.tensorboard": "false", "checkpoint.every_n_steps": 0},
         sweep_task="stsb", lr_multiples=(1.0, 2.0),
         rows=_main_rows((0,), (0,)), ablations=_ABLATIONS[:1], ablation_tasks=("stsb",),
+        longer=(Row("LoRA r=8", "lora", (0,), steps_scale=2),),
         cr_config="recipes/configs/quickstart.yaml",
         cr_overrides={"train.max_steps": 3, "adapter.t_warmup": 1, "adapter.t_final": 1, "adapter.delta_t": 1,
                       "data.max_samples": 12, "train.warmup_steps": 1, "eval.limit": 1, "eval.max_new_tokens": 4,
@@ -159,6 +164,10 @@ PROFILES = {
              "DeBERTaV3 / LLaMA3-8B runs",
         # the SVD form's update stayed 3-4x smaller than LoRA's (update statistics); this is the switch aimed at that
         early_rows=("FlexLoRA, lambda lr x 10",),
+        # LoRA's per-seed last-two gap stayed above 0.5 on CoLA and MRPC, and FlexLoRA's curves were still rising there:
+        # twice the steps tell whether LoRA's score still moves and whether FlexLoRA only learns slower
+        longer=tuple(Row(label, method, (0,), steps_scale=2, tasks=("mrpc", "cola"))
+                     for label, method in (("LoRA r=8", "lora"), ("FlexLoRA r=8 (cap 12), mean_norm", "flexlora"))),
     ),
     # The paper's settings: Table 8 configs (DeBERTaV3-base, full epochs), Table 9 (LLaMA3-8B); 5 seeds on GLUE.
     "full": Profile(
@@ -190,16 +199,19 @@ def config_values(config: str) -> dict:
     return yaml.safe_load((ROOT / config).read_text())
 
 
-def _slug(overrides: tuple[tuple[str, str], ...]) -> str:
-    return "".join(f"-{key.split('.')[-1]}{value}" for key, value in overrides)
+def _slug(overrides: tuple[tuple[str, str], ...], steps_scale: int = 1) -> str:
+    return "".join(f"-{key.split('.')[-1]}{value}" for key, value in overrides) + (f"-steps{steps_scale}x" if steps_scale != 1 else "")
 
 
-def glue_run(profile: Profile, task: str, method: str, seed: int, multiple: float, overrides=()) -> Run:
+def glue_run(profile: Profile, task: str, method: str, seed: int, multiple: float, overrides=(), steps_scale: int = 1) -> Run:
     config = profile.glue_config.format(task=task)
     lr = multiple * float(config_values(config)["train"]["lr"])
-    values = {**profile.glue_common, **profile.glue_tasks[task], "method": method, "train.lr": f"{lr:.4g}",
+    schedule = dict(profile.glue_tasks[task])
+    if steps_scale != 1:
+        schedule |= _schedule(steps_scale * int(schedule["train.max_steps"]), int(schedule["eval.every_n_steps"]))
+    values = {**profile.glue_common, **schedule, "method": method, "train.lr": f"{lr:.4g}",
               "train.seed": seed, "adapter.seed": seed, **dict(overrides)}
-    run_id = f"glue-{task}-{method}{_slug(overrides)}-lr{multiple:g}x-s{seed}"
+    run_id = f"glue-{task}-{method}{_slug(overrides, steps_scale)}-lr{multiple:g}x-s{seed}"
     args = ("--config", config, *(f"{key}={value}" for key, value in values.items()))
     return Run(run_id, "glue", task, method, seed, multiple, args, int(values.get("train.max_steps", 0)))
 
@@ -237,22 +249,23 @@ def plan(profile: Profile, results: dict[str, dict]) -> tuple[list[Run], dict, l
     Runs with the same settings are one run, whichever tables read it (e.g. the sweep's seed-0 run at the best lr
     is seed 0 of the methods table)."""
     runs: dict[str, Run] = {}
-    tables: dict[str, dict] = {"sweep": {}, "methods": {}, "ablations": {}, "commonsense": {}}
+    tables: dict[str, dict] = {"sweep": {}, "methods": {}, "ablations": {}, "longer": {}, "commonsense": {}}
     for method, sweep in sweep_runs(profile).items():
         for run in sweep:
             runs.setdefault(run.id, run)
             tables["sweep"][(method, run.lr_multiple)] = [run.id]
     best = best_multiples(profile, results)
     waiting = []
-    for table, rows, tasks in (("methods", profile.rows, list(profile.glue_tasks)), ("ablations", profile.ablations, profile.ablation_tasks)):
+    for table, rows, tasks in (("methods", profile.rows, list(profile.glue_tasks)), ("ablations", profile.ablations, profile.ablation_tasks),
+                               ("longer", profile.longer, list(profile.glue_tasks))):
         for row in rows:
             if row.lr_method not in best:
                 waiting.append(row.label)
                 continue
-            for task in tasks:
+            for task in row.tasks or tasks:
                 cell = []
                 for seed in row.seeds:
-                    run = glue_run(profile, task, row.method, seed, best[row.lr_method], row.overrides)
+                    run = glue_run(profile, task, row.method, seed, best[row.lr_method], row.overrides, row.steps_scale)
                     runs.setdefault(run.id, run)
                     cell.append(run.id)
                 tables[table][(row.label, task)] = cell

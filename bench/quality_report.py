@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 
 from bench.common import markdown_table, provenance
 from bench.quality import (
     CONVERGED_POINTS,
+    ROOT,
     CR_TASKS,
     GLUE_METRICS,
     METHODS,
@@ -130,6 +132,30 @@ def convergence_table(profile: Profile, results, cells) -> tuple[str, dict[str, 
     return markdown_table(header, body), converged
 
 
+def longer_table(profile: Profile, results, tables) -> str:
+    """Per longer-schedule row and task: the final score at the standard length and at the longer one (the same
+    seeds), and the longer run's last-two gap."""
+    body = []
+    for (label, task), ids in tables["longer"].items():
+        row = next(r for r in profile.longer if r.label == label)
+        base = next(r for r in profile.rows if r.label == label)
+        base_ids = [tables["methods"][(label, task)][base.seeds.index(seed)] for seed in row.seeds] if (label, task) in tables["methods"] else []
+        metric = GLUE_METRICS[task][1][0]
+        longer, standard = ok(results, ids), ok(results, base_ids)
+        if not longer:
+            body.append([f"{GLUE_METRICS[task][0]} {metric}", label, len(row.seeds), "-", "-", "-", "-"])
+            continue
+        gaps = [abs(r["curve"][-1][1] - r["curve"][-2][1]) * 100 for r in longer if len(r["curve"]) >= 2]
+        change = (100 * (statistics.fmean(r["scores"][metric] for r in longer) - statistics.fmean(r["scores"][metric] for r in standard))
+                  if len(standard) == len(longer) else None)
+        body.append([f"{GLUE_METRICS[task][0]} {metric}", label, len(row.seeds),
+                     f"{cell([r['scores'][metric] for r in standard])} ({standard[0]['curve'][-1][0]} steps)" if standard else "-",
+                     f"{cell([r['scores'][metric] for r in longer])} ({longer[0]['curve'][-1][0]} steps)",
+                     f"{change:+.1f}" if change is not None else "-", ", ".join(f"{g:.2f}" for g in gaps) or "-"])
+    return markdown_table(["task", "row", "seeds", "standard schedule", "longer schedule", "change (points)",
+                           "last-two gap of the longer run"], body)
+
+
 def verdict_table(profile: Profile, results, cells, converged: dict[str, bool], others: list[Row]) -> str:
     """FlexLoRA's default row (the first) against each of ``others``, per task and on the GLUE average."""
     flex = profile.rows[0]
@@ -196,18 +222,51 @@ def update_table(results, cells) -> str:
                            "score of those runs"], body)
 
 
-def commonsense_table(results, cells) -> str:
-    header = ["method", "seeds", "items per task"] + [short for _, short in CR_TASKS] + ["avg"]
+def constant_answer_shares(profile: Profile) -> dict[str, float]:
+    """Per commonsense task: the accuracy of always giving its most common gold answer on the items the runs score
+    (the first ``eval.limit`` of the dev split); tasks whose local dev file is not there are left out."""
+    from flexlora.recipe_kit.data.commonsense import load_rows
+    from flexlora.recipe_kit.scoring import local_task_file
+
+    config = config_values(profile.cr_config)
+    values = {"data.path": config["data"]["path"], "eval.data_dir": config["eval"].get("data_dir"),
+              "eval.split": config["eval"]["split"], "eval.limit": config["eval"].get("limit")} | profile.cr_overrides
+    data_dir = ROOT / str(values["eval.data_dir"] or values["data.path"])
+    limit = None if values["eval.limit"] in (None, "null") else int(values["eval.limit"])
+    shares = {}
+    for task, _ in CR_TASKS:
+        try:
+            path = local_task_file(data_dir, task, str(values["eval.split"]))
+        except FileNotFoundError:
+            continue
+        answers = [row["answer"] for row in load_rows(path, require_answer=True)[0][:limit]]
+        shares[task] = Counter(answers).most_common(1)[0][1] / len(answers)
+    return shares
+
+
+def commonsense_table(profile: Profile, results, cells) -> str:
+    constant = constant_answer_shares(profile)
+    beats_constant = False
+    header = ["method", "seeds", "items per task"] + [short for _, short in CR_TASKS] + ["avg", "tasks above the constant answer"]
     body = []
     for method in METHODS:
         done = ok(results, cells[method])
         items = sorted({n for r in done for n in r.get("items_per_task", {}).values() if n})
         averages = [statistics.fmean(r["scores"].values()) for r in done if r["scores"]]
+        means = {task: statistics.fmean(values) for task, _ in CR_TASKS if (values := scores(results, cells[method], task))}
+        above = sum(means[task] > share + 1e-9 for task, share in constant.items() if task in means)
+        beats_constant |= above > 0
         body.append([method, len(done), ", ".join(map(str, items)) or "-"]
-                    + [cell(scores(results, cells[method], task)) for task, _ in CR_TASKS] + [cell(averages)])
+                    + [cell(scores(results, cells[method], task)) for task, _ in CR_TASKS] + [cell(averages),
+                       f"{above} of {len(constant)}" if done and constant else "-"])
+    body.append(["always the most common gold answer", "-", "-"] + [cell([constant[task]]) if task in constant else "-"
+                                                                     for task, _ in CR_TASKS]
+                + [cell([statistics.fmean(constant.values())]) if len(constant) == len(CR_TASKS) else "-", "-"])
     averages = {m: [statistics.fmean(r["scores"].values()) for r in ok(results, cells[m]) if r["scores"]] for m in METHODS}
     verdicts = markdown_table(["", "FlexLoRA vs LoRA", "FlexLoRA vs AdaLoRA"],
-                              [["commonsense avg", verdict(averages["flexlora"], averages["lora"]),
+                              [["commonsense avg" + ("" if beats_constant or not constant else
+                                                     " (no method above the constant answer on any task: ranks nothing)"),
+                                verdict(averages["flexlora"], averages["lora"]),
                                 verdict(averages["flexlora"], averages["adalora"])]])
     return markdown_table(header, body) + "\n\n" + verdicts
 
@@ -259,6 +318,12 @@ def report(profile_name: str, profile: Profile, command: str, results: dict[str,
               "default. A switch becomes the default only if it is better on every task.",
               verdict_table(profile, results, tables["methods"], converged,
                             [row for row in profile.rows[1:] if row.method == "flexlora"])]
+    if profile.longer:
+        parts += ["## Longer schedule: do the scores still move?",
+                  "The same row and seed with the optimizer steps multiplied (allocation schedule scaled along, linear "
+                  "decay to 0 at the new end, scored at the same interval). A baseline whose final score does not change "
+                  "had converged at the standard length; a FlexLoRA score that rises here learns slower rather than "
+                  "reaching less.", longer_table(profile, results, tables)]
     if profile.ablations:
         parts += ["## FlexLoRA switches (importance metric, prune / expand, expansion init; paper Tables 4-6)",
                   methods_table(profile, results, {**tables["methods"], **tables["ablations"]}, (profile.rows[0], *profile.ablations),
@@ -271,7 +336,10 @@ def report(profile_name: str, profile: Profile, command: str, results: dict[str,
               "the adapted matrices moved, and over how many directions (exp of the entropy of dW's normalised "
               "singular values; at most the rank).",
               update_table(results, {**tables["methods"], **tables["ablations"]}),
-              "## Commonsense reasoning (Table 2 layout, LLM-Adapters protocol, accuracy)", commonsense_table(results, tables["commonsense"]),
+              "## Commonsense reasoning (Table 2 layout, LLM-Adapters protocol, accuracy)",
+              "The last line is what always giving a task's most common gold answer scores on the same items: a "
+              "method at or below it on a task has learned nothing there that ranks it.",
+              commonsense_table(profile, results, tables["commonsense"]),
               "## Validation curves (step:score x 100, every run)", curves_section(results, runs)]
     return "\n\n".join(parts) + "\n"
 

@@ -156,15 +156,16 @@ def execute(run: Run, out: Path, threads: int) -> dict:
 
 def start_order(profile: Profile, tables: dict) -> dict[str, int]:
     """Run id -> its group in the start order: lr sweeps (they release the rest), then the rows the verdicts compare
-    (FlexLoRA's default, LoRA, AdaLoRA), then the profile's ``early_rows``, then commonsense, then everything else; a
-    session that ends early has then finished what decides the verdict. Within a group the longest runs go first, so
-    the last minutes are not one job."""
+    (FlexLoRA's default, LoRA, AdaLoRA), then the profile's ``early_rows``, then commonsense, then the longer schedules,
+    then everything else; a session that ends early has then finished what decides the verdict. Within a group the
+    longest runs go first, so the last minutes are not one job."""
     verdict_rows = {profile.rows[0].label} | {row.label for row in profile.rows if row.method in ("lora", "adalora")}
     groups = [
         [run.id for sweep in sweep_runs(profile).values() for run in sweep],
         [i for (label, _), ids in tables["methods"].items() if label in verdict_rows for i in ids],
         [i for (label, _), ids in tables["methods"].items() if label in profile.early_rows for i in ids],
         [i for ids in tables["commonsense"].values() for i in ids],
+        [i for ids in tables["longer"].values() for i in ids],
     ]
     order: dict[str, int] = {}
     for group, ids in enumerate(groups):

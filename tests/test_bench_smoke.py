@@ -170,23 +170,30 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     assert all(number(row["‖dW‖_F / ‖W‖_F, % (mean over matrices)"]) > 0 and 1 <= number(row["effective rank of dW"]) <= 12
                for row in updates.values())
 
+    longer = table_with(report, "task", "longer schedule")
+    assert [(row["task"], row["row"]) for row in longer] == [("STS-B pearson", "LoRA r=8")]
+    assert longer[0]["standard schedule"].endswith("(4 steps)") and longer[0]["longer schedule"].endswith("(8 steps)")
+    assert re.fullmatch(r"[+-]\d+\.\d", longer[0]["change (points)"])
+
     commonsense = table_with(report, "method", "BoolQ")
-    assert [row["method"] for row in commonsense] == ["lora", "adalora", "flexlora"]
+    assert [row["method"] for row in commonsense] == ["lora", "adalora", "flexlora", "always the most common gold answer"]
     assert all(0 <= number(row[c]) <= 100 for row in commonsense for c in ("BoolQ", "OBQA", "avg"))
+    assert all(re.fullmatch(r"[0-8] of 8", row["tasks above the constant answer"]) for row in commonsense[:3])
     assert re.search(r"- `glue-stsb-lora-lr1x-s0`: 2:-?\d+\.\d 4:-?\d+\.\d", report)  # the curve of every run
 
     stored = sorted(p.name for p in (out / "quality_smoke_runs").iterdir())
     results = json.loads((out / "quality_smoke.json").read_text())["runs"]
     assert all(run["status"] == "ok" for run in results), [r for r in results if r["status"] != "ok"]
-    # lr sweep 3 methods x 2; 7 methods-table rows at their chosen lr, 3 of them the sweep's runs; 1 switch; commonsense 3
-    assert len(results) == len(stored) == 6 + 4 + 1 + 3
+    # lr sweep 3 methods x 2; 7 methods-table rows at their chosen lr, 3 of them the sweep's runs; 1 switch;
+    # 1 longer schedule; commonsense 3
+    assert len(results) == len(stored) == 6 + 4 + 1 + 1 + 3
     assert all(run["commit"] and run["args"] and "output_dir" not in " ".join(run["args"]) for run in results)
 
 
 def test_quality_sweep_resumes_instead_of_rerunning(quality):
     _, first, again, _ = quality
-    assert "14 runs in all, 0 finished, 9 to run now and more once the lr sweep has chosen" in first
-    assert "14 runs in all, 14 finished, 0 to run now" in again
+    assert "15 runs in all, 0 finished, 9 to run now and more once the lr sweep has chosen" in first
+    assert "15 runs in all, 15 finished, 0 to run now" in again
 
 
 def test_quality_run_output_dir_is_reused_only_by_the_same_run(tmp_path):
@@ -231,7 +238,7 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
 
     profile = PROFILES["cpu"]
     runs, tables, waiting = plan(profile, {})
-    assert len(runs) == 3 * 4 + 3 * 2 and len(waiting) == 7  # the sweep and commonsense; the rest waits for the sweep
+    assert len(runs) == 3 * 4 + 3 * 2 and len(waiting) == 9  # the sweep and commonsense; the rest waits for the sweep
     # the sweep picks x 2 for FlexLoRA (its seed-0 STS-B run is reused), x 0.5 for LoRA and AdaLoRA
     picked = {"lora": 0.5, "adalora": 0.5, "flexlora": 2.0}
     results = {run.id: {"status": "ok", "scores": {"pearson": 0.8 if run.lr_multiple == picked[method] else 0.7}}
@@ -245,16 +252,32 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     assert {"adapter.orth_reg=eq2_sum", "train.seed=1", "adapter.seed=1", "train.lr=0.0016"} <= set(eq2.args)  # 2 x 8e-4
     lora12 = next(run for run in runs if run.id == "glue-mrpc-lora-r12-lr0.5x-s0")
     assert {"adapter.r=12", "train.lr=0.0005", "train.batch_size=32", "train.max_steps=348"} <= set(lora12.args)
-    # 12 sweep + 6 commonsense + 3 tasks x (5 rows x 3 seeds + 2 single) - 3 sweep runs reused
-    assert len(runs) == 12 + 6 + 3 * 17 - 3
+    # twice the steps, the allocation schedule along, scored as often: 24 scores instead of 12
+    longer = next(run for run in runs if run.id == "glue-mrpc-lora-steps2x-lr0.5x-s0")
+    assert {"train.max_steps=696", "eval.every_n_steps=29", "adapter.t_warmup=139", "adapter.t_final=139",
+            "adapter.delta_t=28", "train.seed=0"} <= set(longer.args)
+    # 12 sweep + 6 commonsense + 3 tasks x (5 rows x 3 seeds + 2 single) - 3 sweep runs reused + 2 longer x 2 tasks
+    assert len(runs) == 12 + 6 + 3 * 17 - 3 + 4
     # start order: lr sweeps, the rows the verdicts compare, the early switch, commonsense, then the other switches
     from bench.quality_runner import start_order
 
     order = start_order(profile, tables)
     assert order["glue-stsb-lora-lr0.5x-s0"] == 0 and order["glue-mrpc-flexlora-lr2x-s2"] == 1
     assert order["glue-cola-lora-r12-lr0.5x-s0"] == 1 and order["glue-cola-flexlora-lambda_lr_multiplier10-lr2x-s1"] == 2
-    assert order["cr-flexlora-s1"] == 3
+    assert order["cr-flexlora-s1"] == 3 and order["glue-cola-flexlora-steps2x-lr2x-s0"] == 4
     assert "glue-cola-flexlora-orth_regeq2_sum-lr2x-s0" not in order  # last: after every group
+
+    # the constant-answer line of the commonsense table: the most common gold answer over the first eval.limit items
+    from dataclasses import replace
+
+    from bench.quality_report import constant_answer_shares
+
+    (tmp_path / "data" / "boolq").mkdir(parents=True)
+    rows = [{"instruction": "q", "input": "", "output": f"the correct answer is {a}", "answer": a}
+            for a in ("true", "false", "false", "true", "true")]
+    (tmp_path / "data" / "boolq" / "dev.json").write_text(json.dumps(rows))
+    shares = constant_answer_shares(replace(profile, cr_overrides={"eval.data_dir": str(tmp_path / "data"), "eval.limit": 3}))
+    assert shares == {"boolq": pytest.approx(2 / 3)}  # false, false of true, false, false; no other task's file there
 
     history = [  # expand at 10, pruned again at the next allocation step (20); the other expansion survives
         {"step": 10, "module": "a.q_proj", "action": "expand"}, {"step": 10, "module": "a.v_proj", "action": "prune"},
