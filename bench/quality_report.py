@@ -133,38 +133,64 @@ def convergence_table(profile: Profile, results, cells) -> tuple[str, dict[str, 
 
 
 def longer_table(profile: Profile, results, tables) -> str:
-    """Per longer-schedule row and task: the final score at the standard length and at the longer one (the same
-    seeds), and the longer run's last-two gap."""
+    """Per longer-schedule row and task: the final score at the standard length and at the longer one over the seeds
+    finished at both lengths, and the longer runs' last-two gaps."""
     body = []
     for (label, task), ids in tables["longer"].items():
         row = next(r for r in profile.longer if r.label == label)
         base = next(r for r in profile.rows if r.label == label)
-        base_ids = [tables["methods"][(label, task)][base.seeds.index(seed)] for seed in row.seeds] if (label, task) in tables["methods"] else []
+        base_ids = tables["methods"].get((label, task), [])
         metric = GLUE_METRICS[task][1][0]
-        longer, standard = ok(results, ids), ok(results, base_ids)
-        if not longer:
-            body.append([f"{GLUE_METRICS[task][0]} {metric}", label, len(row.seeds), "-", "-", "-", "-"])
+        pairs = []  # (longer run, standard run) of one seed, both finished
+        for seed, long_id in zip(row.seeds, ids):
+            both = ok(results, [long_id, base_ids[base.seeds.index(seed)]]) if seed in base.seeds and base_ids else []
+            if len(both) == 2:
+                pairs.append(both)
+        name = f"{GLUE_METRICS[task][0]} {metric}"
+        if not pairs:
+            body.append([name, label, f"0 of {len(row.seeds)}", "-", "-", "-", "-"])
             continue
+        longer, standard = [p[0] for p in pairs], [p[1] for p in pairs]
         gaps = [abs(r["curve"][-1][1] - r["curve"][-2][1]) * 100 for r in longer if len(r["curve"]) >= 2]
-        change = (100 * (statistics.fmean(r["scores"][metric] for r in longer) - statistics.fmean(r["scores"][metric] for r in standard))
-                  if len(standard) == len(longer) else None)
-        body.append([f"{GLUE_METRICS[task][0]} {metric}", label, len(row.seeds),
-                     f"{cell([r['scores'][metric] for r in standard])} ({standard[0]['curve'][-1][0]} steps)" if standard else "-",
+        change = 100 * (statistics.fmean(r["scores"][metric] for r in longer) - statistics.fmean(r["scores"][metric] for r in standard))
+        body.append([name, label, f"{len(pairs)} of {len(row.seeds)}",
+                     f"{cell([r['scores'][metric] for r in standard])} ({standard[0]['curve'][-1][0]} steps)",
                      f"{cell([r['scores'][metric] for r in longer])} ({longer[0]['curve'][-1][0]} steps)",
-                     f"{change:+.1f}" if change is not None else "-", ", ".join(f"{g:.2f}" for g in gaps) or "-"])
-    return markdown_table(["task", "row", "seeds", "standard schedule", "longer schedule", "change (points)",
-                           "last-two gap of the longer run"], body)
+                     f"{change:+.1f}", ", ".join(f"{g:.2f}" for g in gaps) or "-"])
+    return markdown_table(["task", "row", "seeds finished at both lengths", "standard schedule", "longer schedule",
+                           "change (points)", "last-two gap of the longer run"], body)
 
 
-def verdict_table(profile: Profile, results, cells, converged: dict[str, bool], others: list[Row]) -> str:
-    """FlexLoRA's default row (the first) against each of ``others``, per task and on the GLUE average."""
+def longest_schedule_cells(profile: Profile, tables) -> tuple[dict, dict[str, int]]:
+    """The cells of the rows the longer schedules cover (FlexLoRA's default, LoRA r=8, AdaLoRA), each task at the
+    longest schedule all of them ran with the same seeds; returns (cells, task -> steps multiple)."""
+    labels = list(dict.fromkeys(row.label for row in profile.longer))
+    cells, scale = {}, {}
+    for task in profile.glue_tasks:
+        longer = {row.label: row for row in profile.longer if (row.label, task) in tables["longer"]}
+        use_longer = bool(labels) and all(label in longer for label in labels) and all(
+            longer[label].seeds == next(r for r in profile.rows if r.label == label).seeds for label in labels)
+        scale[task] = longer[labels[0]].steps_scale if use_longer else 1
+        for label in labels:
+            source = tables["longer"] if use_longer else tables["methods"]
+            if (label, task) in source:
+                cells[(label, task)] = source[(label, task)]
+    return cells, scale
+
+
+def verdict_table(profile: Profile, results, cells, converged: dict[str, bool], others: list[Row],
+                  steps_scale: dict[str, int] | None = None) -> str:
+    """FlexLoRA's default row (the first) against each of ``others``, per task and on the GLUE average; a task run on
+    a longer schedule (``steps_scale``) says so."""
     flex = profile.rows[0]
     body = []
     tasks = [task for task in profile.glue_tasks if (flex.label, task) in cells]
     for task in tasks:
         metric = GLUE_METRICS[task][1][0]
         mine = scores(results, cells[(flex.label, task)], metric)
-        body.append([f"{GLUE_METRICS[task][0]} {metric}" + ("" if converged.get(task) else " (not converged)")]
+        scale = (steps_scale or {}).get(task, 1)
+        body.append([f"{GLUE_METRICS[task][0]} {metric}" + (f" ({scale}x steps)" if scale != 1 else "")
+                     + ("" if converged.get(task) else " (not converged)")]
                     + [verdict(mine, scores(results, cells[(row.label, task)], metric)) if (row.label, task) in cells
                        else "not measured" for row in others])
 
@@ -324,6 +350,18 @@ def report(profile_name: str, profile: Profile, command: str, results: dict[str,
                   "decay to 0 at the new end, scored at the same interval). A baseline whose final score does not change "
                   "had converged at the standard length; a FlexLoRA score that rises here learns slower rather than "
                   "reaching less.", longer_table(profile, results, tables)]
+        cells, scale = longest_schedule_cells(profile, tables)
+        verdict_rows = [row for row in profile.rows if (row.label, next(iter(profile.glue_tasks))) in cells]
+        if any(s != 1 for s in scale.values()):
+            convergence, converged = convergence_table(profile, results, cells)
+            parts += ["## Did FlexLoRA win at the longer schedule?",
+                      "The rows the verdicts compare, each task at the longest schedule all of them ran with every "
+                      "seed: " + ", ".join(f"{GLUE_METRICS[t][0]} {s}x" for t, s in scale.items()) + " the standard "
+                      "steps. Same convergence rule and same verdict rule as above.",
+                      methods_table(profile, results, cells, tuple(verdict_rows), list(profile.glue_tasks)),
+                      convergence,
+                      verdict_table(profile, results, cells, converged,
+                                    [row for row in verdict_rows if row.method in ("lora", "adalora")], scale)]
     if profile.ablations:
         parts += ["## FlexLoRA switches (importance metric, prune / expand, expansion init; paper Tables 4-6)",
                   methods_table(profile, results, {**tables["methods"], **tables["ablations"]}, (profile.rows[0], *profile.ablations),

@@ -171,9 +171,15 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
                for row in updates.values())
 
     longer = table_with(report, "task", "longer schedule")
-    assert [(row["task"], row["row"]) for row in longer] == [("STS-B pearson", "LoRA r=8")]
+    assert [(row["task"], row["row"]) for row in longer] == [("STS-B pearson", label) for label in (ROWS[0], "LoRA r=8", "AdaLoRA 12->8")]
+    assert all(row["seeds finished at both lengths"] == "1 of 1" for row in longer)
     assert longer[0]["standard schedule"].endswith("(4 steps)") and longer[0]["longer schedule"].endswith("(8 steps)")
     assert re.fullmatch(r"[+-]\d+\.\d", longer[0]["change (points)"])
+    # the verdicts again, every task at the longest schedule all verdict rows ran: here STS-B at 2x
+    at_longer = report.split("## Did FlexLoRA win at the longer schedule?")[1].split("\n## ")[0]
+    assert [row["row"] for row in table_with(at_longer, "row", "STS-B pearson")] == [ROWS[0], "LoRA r=8", "AdaLoRA 12->8"]
+    verdicts = table_with(at_longer, "task", "FlexLoRA r=8 (cap 12) vs AdaLoRA 12->8")
+    assert [row["task"].split(" (not")[0] for row in verdicts] == ["STS-B pearson (2x steps)", "GLUE average"]
 
     commonsense = table_with(report, "method", "BoolQ")
     assert [row["method"] for row in commonsense] == ["lora", "adalora", "flexlora", "always the most common gold answer"]
@@ -185,15 +191,15 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     results = json.loads((out / "quality_smoke.json").read_text())["runs"]
     assert all(run["status"] == "ok" for run in results), [r for r in results if r["status"] != "ok"]
     # lr sweep 3 methods x 2; 7 methods-table rows at their chosen lr, 3 of them the sweep's runs; 1 switch;
-    # 1 longer schedule; commonsense 3
-    assert len(results) == len(stored) == 6 + 4 + 1 + 1 + 3
+    # 3 longer schedules; commonsense 3
+    assert len(results) == len(stored) == 6 + 4 + 1 + 3 + 3
     assert all(run["commit"] and run["args"] and "output_dir" not in " ".join(run["args"]) for run in results)
 
 
 def test_quality_sweep_resumes_instead_of_rerunning(quality):
     _, first, again, _ = quality
-    assert "15 runs in all, 0 finished, 9 to run now and more once the lr sweep has chosen" in first
-    assert "15 runs in all, 15 finished, 0 to run now" in again
+    assert "17 runs in all, 0 finished, 9 to run now and more once the lr sweep has chosen" in first
+    assert "17 runs in all, 17 finished, 0 to run now" in again
 
 
 def test_quality_run_output_dir_is_reused_only_by_the_same_run(tmp_path):
@@ -238,7 +244,7 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
 
     profile = PROFILES["cpu"]
     runs, tables, waiting = plan(profile, {})
-    assert len(runs) == 3 * 4 + 3 * 2 and len(waiting) == 9  # the sweep and commonsense; the rest waits for the sweep
+    assert len(runs) == 3 * 4 + 3 * 2 and len(waiting) == 7 + 3  # the sweep and commonsense; the rest (7 rows, 3 longer) waits
     # the sweep picks x 2 for FlexLoRA (its seed-0 STS-B run is reused), x 0.5 for LoRA and AdaLoRA
     picked = {"lora": 0.5, "adalora": 0.5, "flexlora": 2.0}
     results = {run.id: {"status": "ok", "scores": {"pearson": 0.8 if run.lr_multiple == picked[method] else 0.7}}
@@ -256,8 +262,9 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     longer = next(run for run in runs if run.id == "glue-mrpc-lora-steps2x-lr0.5x-s0")
     assert {"train.max_steps=696", "eval.every_n_steps=29", "adapter.t_warmup=139", "adapter.t_final=139",
             "adapter.delta_t=28", "train.seed=0"} <= set(longer.args)
-    # 12 sweep + 6 commonsense + 3 tasks x (5 rows x 3 seeds + 2 single) - 3 sweep runs reused + 2 longer x 2 tasks
-    assert len(runs) == 12 + 6 + 3 * 17 - 3 + 4
+    # 12 sweep + 6 commonsense + 3 tasks x (5 rows x 3 seeds + 2 single) - 3 sweep runs reused
+    # + 3 verdict rows x 2 tasks x 3 seeds at twice the steps
+    assert len(runs) == 12 + 6 + 3 * 17 - 3 + 18
     # start order: lr sweeps, the rows the verdicts compare, the early switch, commonsense, then the other switches
     from bench.quality_runner import start_order
 
