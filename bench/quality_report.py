@@ -171,8 +171,8 @@ def longest_schedule_cells(profile: Profile, tables) -> tuple[dict, dict[str, in
         use_longer = bool(labels) and all(label in longer for label in labels) and all(
             longer[label].seeds == next(r for r in profile.rows if r.label == label).seeds for label in labels)
         scale[task] = longer[labels[0]].steps_scale if use_longer else 1
+        source = tables["longer"] if use_longer else tables["methods"]
         for label in labels:
-            source = tables["longer"] if use_longer else tables["methods"]
             if (label, task) in source:
                 cells[(label, task)] = source[(label, task)]
     return cells, scale
@@ -351,8 +351,8 @@ def report(profile_name: str, profile: Profile, command: str, results: dict[str,
                   "had converged at the standard length; a FlexLoRA score that rises here learns slower rather than "
                   "reaching less.", longer_table(profile, results, tables)]
         cells, scale = longest_schedule_cells(profile, tables)
-        verdict_rows = [row for row in profile.rows if (row.label, next(iter(profile.glue_tasks))) in cells]
         if any(s != 1 for s in scale.values()):
+            verdict_rows = [row for row in profile.rows if (row.label, next(iter(profile.glue_tasks))) in cells]
             convergence, converged = convergence_table(profile, results, cells)
             parts += ["## Did FlexLoRA win at the longer schedule?",
                       "The rows the verdicts compare, each task at the longest schedule all of them ran with every "
