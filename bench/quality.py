@@ -364,6 +364,10 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"--only: {', '.join(unknown)} not among the runs plannable now (see --plan)")
         remaining = [run for run in remaining if run.id in args.only]
+    if remaining:
+        left = sum(estimate_seconds(profile, run) for run in remaining)
+        print(f"the {len(remaining)} to run now: estimated {left / 3600 / jobs:.1f} h of wall time at {jobs} at a time"
+              " (runs of unequal length can leave one core idle at the end)", flush=True)
     if args.plan or args.dry_run:
         for run in remaining:
             line = f"accelerate launch {RECIPES[run.kind].relative_to(ROOT)} " + " ".join(run.args) if args.dry_run else \

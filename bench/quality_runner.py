@@ -186,7 +186,8 @@ def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads
     context.set_forkserver_preload(["torch", "transformers", "peft", "accelerate", "flexlora.recipe_kit.train_setup"])
     in_flight: dict[concurrent.futures.Future, Run] = {}
     failed: set[str] = set()
-    bar = tqdm(desc="quality runs", unit="run")
+    # a resumed sweep's bar starts at what earlier sessions finished (tqdm leaves them out of the rate)
+    bar = tqdm(desc="quality runs", unit="run", initial=sum(is_done(run, results) for run in plan(profile, results)[0]))
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
         while True:
             runs, tables, _ = plan(profile, results)
@@ -195,7 +196,7 @@ def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads
                        and (not only or run.id in only)]
             order = start_order(profile, tables)
             pending.sort(key=lambda run: (order.get(run.id, len(order)), -estimate_seconds(profile, run)))
-            bar.total = len([run for run in runs if is_done(run, results)]) + len(busy) + len(pending)
+            bar.total = len([run for run in runs if is_done(run, results) or run.id in failed]) + len(busy) + len(pending)
             bar.refresh()
             while pending and len(in_flight) < jobs:
                 run = pending.pop(0)

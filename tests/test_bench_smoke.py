@@ -199,7 +199,9 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
 def test_quality_sweep_resumes_instead_of_rerunning(quality):
     _, first, again, _ = quality
     assert "17 runs in all, 0 finished, 9 to run now and more once the lr sweep has chosen" in first
+    assert re.search(r"the 9 to run now: estimated \d+\.\d h of wall time at 1 at a time", first)
     assert "17 runs in all, 17 finished, 0 to run now" in again
+    assert "to run now: estimated" not in again
 
 
 def test_quality_run_output_dir_is_reused_only_by_the_same_run(tmp_path):
