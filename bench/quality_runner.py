@@ -93,6 +93,9 @@ def summarise(run: Run, out: Path) -> dict:
         split = metrics["main_metric"].split("/")[0]
         names = GLUE_METRICS[run.task][1] + ["majority_share"]
         summary["scores"] = {name: metrics["final"][f"{split}/{name}"] for name in names if f"{split}/{name}" in metrics["final"]}
+        best = metrics.get("best") or {}  # the evaluation with the best main metric, and its step
+        summary["best_scores"] = {name: best[f"{split}/{name}"] for name in names if f"{split}/{name}" in best}
+        summary["best_step"] = best.get("step")
         main = metrics["main_metric"]
         summary["curve"] = [[row["step"], row[main]] for row in read_jsonl(out / "eval.jsonl")]
         summary.update(update_statistics(out, run.task))
@@ -127,9 +130,13 @@ def prepare_output_dir(run: Run, out: Path) -> None:
     (out / RUN_ARGS_FILE).write_text(json.dumps(list(run.args)))
 
 
-def execute(run: Run, out: Path, threads: int) -> dict:
-    """Run one recipe in this (fresh) process, its output in <out>/run.log; never raises."""
+def execute(run: Run, out: Path, threads: int, locations: list[str]) -> dict:
+    """Run one recipe in this (fresh) process, its output in <out>/run.log; never raises. ``locations`` (where data
+    and model are on this machine) follow the run's own arguments. A run stopped on a non-finite loss is a result:
+    ``diverged``."""
     import torch
+
+    from flexlora.recipe_kit.run_config import TrainingStopped
 
     if threads:
         torch.set_num_threads(threads)
@@ -140,8 +147,11 @@ def execute(run: Run, out: Path, threads: int) -> dict:
         os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
         try:
-            _recipe_main(run.kind)([*run.args, f"output_dir={out}"])
+            _recipe_main(run.kind)([*run.args, *(locations if run.kind == "glue" else ()), f"output_dir={out}"])
             result = {"status": "ok", **summarise(run, out)}
+        except TrainingStopped as error:
+            traceback.print_exc()
+            result = {"status": "diverged", "error": str(error)[:500]}
         except BaseException as error:  # noqa: BLE001 - the sweep records the failure and goes on
             traceback.print_exc()
             result = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:500], "log": str(out / "run.log")}
@@ -151,7 +161,8 @@ def execute(run: Run, out: Path, threads: int) -> dict:
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
     return {"id": run.id, "args": list(run.args), **result, "seconds": round(time.time() - started, 1),
-            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit()}
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
 def start_order(profile: Profile, tables: dict) -> dict[str, int]:
@@ -174,9 +185,11 @@ def start_order(profile: Profile, tables: dict) -> dict[str, int]:
     return order
 
 
-def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads: int, only: set[str] = frozenset()) -> dict[str, dict]:
+def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads: int, only: set[str] = frozenset(),
+            locations: list[str] = (), stop_after_s: float | None = None, on_gpu: bool = False) -> dict[str, dict]:
     """Run every pending run (or those of ``only``), ``jobs`` at a time, planning again after each one (an lr sweep
-    that finishes releases the runs that use its choice); each finished run's result file is written at once."""
+    that finishes releases the runs that use its choice); each finished run's result file is written at once.
+    After ``stop_after_s`` no run starts (those in flight finish)."""
     from tqdm.auto import tqdm
 
     results = load_results(runs_dir)
@@ -188,6 +201,7 @@ def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads
     failed: set[str] = set()
     # a resumed sweep's bar starts at what earlier sessions finished (tqdm leaves them out of the rate)
     bar = tqdm(desc="quality runs", unit="run", initial=sum(is_done(run, results) for run in plan(profile, results)[0]))
+    started = time.time()
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
         while True:
             runs, tables, _ = plan(profile, results)
@@ -195,19 +209,21 @@ def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads
             pending = [run for run in runs if not is_done(run, results) and run.id not in busy and run.id not in failed
                        and (not only or run.id in only)]
             order = start_order(profile, tables)
-            pending.sort(key=lambda run: (order.get(run.id, len(order)), -estimate_seconds(profile, run)))
+            pending.sort(key=lambda run: (order.get(run.id, len(order)), -estimate_seconds(profile, run, on_gpu)))
+            if stop_after_s is not None and time.time() - started > stop_after_s:
+                pending = []  # out of time: let the runs in flight finish
             bar.total = len([run for run in runs if is_done(run, results) or run.id in failed]) + len(busy) + len(pending)
             bar.refresh()
             while pending and len(in_flight) < jobs:
                 run = pending.pop(0)
-                in_flight[pool.submit(execute, run, work_dir / run.id, threads)] = run
+                in_flight[pool.submit(execute, run, work_dir / run.id, threads, list(locations))] = run
             if not in_flight:
                 break
             done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 run = in_flight.pop(future)
                 result = future.result()
-                if result["status"] == "ok":
+                if result["status"] in ("ok", "diverged"):
                     results[run.id] = result
                     runs_dir.mkdir(parents=True, exist_ok=True)
                     (runs_dir / f"{run.id}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -216,7 +232,8 @@ def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads
                     results[run.id] = result
                 bar.update()
                 bar.write(f"{run.id}: {result['status']} in {result['seconds']:.0f} s"
-                          + (f" -- {result['error']} (log: {result['log']})" if result["status"] != "ok" else ""))
+                          + (f" -- {result['error']}" if result["status"] != "ok" else "")
+                          + (f" (log: {result['log']})" if result["status"] == "failed" else ""))
     bar.close()
     return results
 

@@ -180,6 +180,7 @@ class RankAllocator:
             self.config.small_init_value,
             active_p,
             active_q,
+            unit_length=self.config.factor_init == "orthonormal",
         )
         distributed.write_param_slot(layer.lora_P, slot, 1, p_full)
         distributed.write_param_slot(layer.lora_Q, slot, 0, q_full)

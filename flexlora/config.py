@@ -15,6 +15,7 @@ import yaml
 IMPORTANCE_METRICS = ("entropy", "nuclear", "frobenius", "sensitivity", "elem", "mat")
 MODES = ("flex", "prune_only", "expand_only")
 EXPAND_INITS = ("zero_impact", "small", "zero", "orthogonal")
+FACTOR_INITS = ("gaussian", "orthonormal")
 SCHEDULES = ("paper", "constant")
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 ORTH_REG_FORMS = ("mean_norm", "eq2_sum")  # see flexlora.regulariser
@@ -110,6 +111,10 @@ class FlexLoRAConfig:
     schedule: str = "paper"
     seed: int = 0
     init_std: float = 0.02  # std of the Gaussian P / Q vectors (initial slots and expanded ones)
+    # gaussian: P and Q entries N(0, init_std^2), as the paper and PEFT AdaLoRA; orthonormal (beyond the paper): P with
+    # orthonormal columns and Q with orthonormal rows at step 0 and unit-length expanded directions, so the regulariser
+    # starts at zero and a unit of lambda moves Delta W by a unit (lambda still starts at 0: the output is unchanged)
+    factor_init: str = "gaussian"
     small_init_value: float = 1e-3  # lambda given to a new direction by expand_init=small
     entropy_eps: float = 1e-8
     sensitivity_beta1: float = 0.85  # AdaLoRA's EMA factors for the sensitivity metric
@@ -170,6 +175,7 @@ class FlexLoRAConfig:
             ("importance", IMPORTANCE_METRICS),
             ("mode", MODES),
             ("expand_init", EXPAND_INITS),
+            ("factor_init", FACTOR_INITS),
             ("schedule", SCHEDULES),
             ("adapter_dtype", ADAPTER_DTYPES),
             ("orth_reg", ORTH_REG_FORMS),

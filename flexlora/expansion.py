@@ -26,6 +26,23 @@ def gaussian_direction(d_out: int, d_in: int, std: float, seed: int) -> tuple[to
     return p, q
 
 
+def initial_factors(d_out: int, d_in: int, capacity: int, factor_init: str, std: float,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """P [d_out, capacity] and Q [capacity, d_in] at step 0, float32 on CPU (lambda starts at 0 whatever they are).
+
+    gaussian:    entries N(0, std^2), columns / rows of length about std * sqrt(d) (0.4 for d = 384 at std 0.02).
+    orthonormal: the same Gaussian draws orthonormalised (QR), so P^T P = Q Q^T = I and the regulariser starts at 0.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    p = torch.randn(d_out, capacity, generator=generator)
+    q = torch.randn(capacity, d_in, generator=generator)
+    if factor_init == "gaussian":
+        return p * std, q * std
+    if factor_init == "orthonormal":
+        return torch.linalg.qr(p.double())[0].float(), torch.linalg.qr(q.T.double())[0].T.float()
+    raise ValueError(f"unknown factor_init {factor_init!r}")
+
+
 def _orthonormal_to(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Gram-Schmidt: the unit vector along ``vector`` with the span of ``basis`` columns removed."""
     v = vector.double()
@@ -47,10 +64,12 @@ def new_direction(
     small_value: float = 1e-3,
     active_p: torch.Tensor | None = None,
     active_q: torch.Tensor | None = None,
+    unit_length: bool = False,
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Return (lambda, P-column [d_out], Q-row [d_in]) for a new direction.
 
-    zero_impact: lambda = 0, Gaussian vectors (the model output does not change).
+    zero_impact: lambda = 0, Gaussian vectors (the model output does not change); scaled to unit length when
+                 ``unit_length`` (factor_init=orthonormal), which needs no other direction, so it stays shard-local.
     zero:        lambda = 0, zero vectors.
     orthogonal:  lambda = 0, unit vectors orthogonal to the active P columns / Q rows.
     small:       lambda = small_value, the same orthogonal vectors (changes the output slightly).
@@ -60,7 +79,7 @@ def new_direction(
         return 0.0, torch.zeros(d_out), torch.zeros(d_in)
     p, q = gaussian_direction(d_out, d_in, std, seed)
     if kind == "zero_impact":
-        return 0.0, p, q
+        return (0.0, p / p.norm(), q / q.norm()) if unit_length else (0.0, p, q)
     if kind in ("orthogonal", "small"):
         if active_p is None or active_q is None:
             raise ValueError(f"expand_init={kind!r} needs the active P columns and Q rows")

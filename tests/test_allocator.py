@@ -167,3 +167,29 @@ def test_allocation_refuses_non_finite_p_or_q_of_a_matrix_it_touches():
             layer.lora_Q[0, 0] = float("nan")  # every matrix: whichever the allocation touches is broken
     with pytest.raises(FloatingPointError, match="step 1: P or Q of a matrix this allocation touches holds NaN or inf"):
         allocator.step(1)
+
+
+def test_orthonormal_start_unit_expansions_and_an_unchanged_output(tokens):
+    fresh = make_tiny_llama()
+    before = fresh(tokens).logits
+    adapters = flexlora.inject(fresh, FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8,
+                                                     factor_init="orthonormal"))
+    assert torch.equal(fresh(tokens).logits, before)  # lambda = 0: the output is the base model's
+    for layer in adapters.layers.values():  # every slot, active or not: P^T P = Q Q^T = I, so the regulariser is 0
+        eye = torch.eye(layer.capacity)
+        assert torch.allclose(layer.lora_P.T @ layer.lora_P, eye, atol=1e-5)
+        assert torch.allclose(layer.lora_Q @ layer.lora_Q.T, eye, atol=1e-5)
+        assert layer.orth_penalty().item() < 1e-6
+    gaussian = flexlora.inject(make_tiny_llama(), FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8))
+    assert min(layer.orth_penalty().item() for layer in gaussian.layers.values()) > 0.1
+
+    model, adapters, allocator, optimizer = setup(tokens, mode="expand_only", factor_init="orthonormal")
+    model.eval()
+    logits = model(tokens).logits
+    changes = allocator.step(10, optimizer)
+    assert changes and torch.equal(model(tokens).logits, logits)  # still zero-impact
+    for change in changes:
+        layer = adapters.layers[change.module]
+        assert layer.lora_lambda[change.slot] == 0
+        assert layer.lora_P[:, change.slot].norm().item() == pytest.approx(1.0, abs=1e-5)
+        assert layer.lora_Q[change.slot].norm().item() == pytest.approx(1.0, abs=1e-5)

@@ -135,8 +135,9 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     report, _, _, out = quality
     check_well_formed(report)
     assert "`python -m bench.quality --smoke" in report
-    sweep = table_with(report, "method", "chosen")
-    assert [row["method"] for row in sweep] == ["lora", "adalora", "flexlora"]
+    sweep = table_with(report, "sweep", "chosen")
+    assert [row["sweep"] for row in sweep] == ["lora", "adalora", "flexlora"]
+    assert all(row["seeds"] == "0" and row["diverged runs"] == "none" for row in sweep)
     assert all(re.fullmatch(r"x [12](\.0)?( \(grid edge\))?", row["chosen"]) for row in sweep)
 
     methods = table_with(report, "row", "STS-B pearson")
@@ -196,6 +197,33 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     assert all(run["commit"] and run["args"] and "output_dir" not in " ".join(run["args"]) for run in results)
 
 
+def test_paper_schedule_smoke_scores_every_epoch_and_reports_final_and_best(tmp_path):
+    """--paper --smoke: Table 8's structure (epochs, per-epoch scoring, final and best, the paper's own rows)."""
+    run_bench("bench.quality", tmp_path, "--paper", "--work-dir", str(tmp_path / "work"))
+    report = (tmp_path / "quality_paper_smoke.md").read_text()
+    check_well_formed(report)
+    final = table_with(report, "row", "RTE accuracy")
+    assert [row["row"] for row in final][:3] == ["FlexLoRA r=8 (cap 12), mean_norm", "LoRA r=8", "AdaLoRA 12->8"]
+    best = report.split("## GLUE: the best evaluation of each run")[1].split("## ")[0]
+    assert "| LoRA r=8 | 1 |" in best and "| FlexLoRA | 71.8 ± 0.9 | 90.9 ± 0.6 | 88.8 ± 0.7 | 91.5 ± 0.1 |" in best
+    assert "| FlexLoRA, orthonormal start + lambda lr auto | 1 |" in report.split("## FlexLoRA switches")[1]
+    results = {r["id"]: r for r in json.loads((tmp_path / "quality_paper_smoke.json").read_text())["runs"]}
+    assert len(results) == 3 * 2 + 1 and all(r["status"] == "ok" for r in results.values()), results
+    for run in results.values():  # 2 epochs of 4 steps, scored after each; the best is one of those evaluations
+        assert [step for step, _ in run["curve"]] == [4, 8] and run["best_step"] in (4, 8)
+        main = next(iter(run["best_scores"]))
+        assert run["best_scores"][main] == max(score for _, score in run["curve"])
+        assert {"train.epochs=2", "eval.every_n_steps=4", "train.warmup_ratio=0.1"} <= set(run["args"])
+    # the full schedule is sized for a GPU: on a CPU it states its estimate and refuses without --force
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    refused = subprocess.run([sys.executable, "-m", "bench.quality", "--paper", "--out", str(tmp_path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and re.search(r"its 72 runs would take about \d+ h .* or add --force", refused.stderr)
+
+
 def test_quality_sweep_resumes_instead_of_rerunning(quality):
     _, first, again, _ = quality
     assert "17 runs in all, 0 finished, 9 to run now and more once the lr sweep has chosen" in first
@@ -246,12 +274,20 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
 
     profile = PROFILES["cpu"]
     runs, tables, waiting = plan(profile, {})
-    assert len(runs) == 3 * 4 + 3 * 2 and len(waiting) == 7 + 3  # the sweep and commonsense; the rest (7 rows, 3 longer) waits
-    # the sweep picks x 2 for FlexLoRA (its seed-0 STS-B run is reused), x 0.5 for LoRA and AdaLoRA
-    picked = {"lora": 0.5, "adalora": 0.5, "flexlora": 2.0}
-    results = {run.id: {"status": "ok", "scores": {"pearson": 0.8 if run.lr_multiple == picked[method] else 0.7}}
-               for method, sweep in sweep_runs(profile).items() for run in sweep}
+    # the sweeps (3 methods x 4 lrs, 3 switches x 4 lrs x 2 seeds) and commonsense; the rest (7 rows, 3 switches) waits
+    assert len(runs) == 3 * 4 + 3 * 4 * 2 + 3 * 2 and len(waiting) == 7 + 3
+    # the sweep picks x 2 for FlexLoRA (its seed-0 STS-B run is reused), x 0.5 for LoRA and AdaLoRA; each switch by
+    # the mean of its two seeds: x 4 wins for "lambda lr auto" (0.75, 0.75) over x 1 (0.9 and a divergence)
+    picked = {"lora": 0.5, "adalora": 0.5, "flexlora": 2.0, "FlexLoRA, orthonormal start": 1.0,
+              "FlexLoRA, lambda lr auto": 4.0, "FlexLoRA, orthonormal start + lambda lr auto": 0.5}
+    results = {run.id: {"status": "ok", "args": list(run.args),
+                        "scores": {"pearson": 0.8 if run.lr_multiple == picked[key] else 0.7}}
+               for key, sweep in sweep_runs(profile).items() for run in sweep}
+    auto = {run.lr_multiple: run for run in sweep_runs(profile)["FlexLoRA, lambda lr auto"] if run.seed == 1}
+    results[auto[1.0].id] = {"status": "diverged", "args": list(auto[1.0].args)}
+    results[auto[1.0].id.replace("-s1", "-s0")]["scores"]["pearson"] = 0.9
     assert best_multiples(profile, results) == picked
+    assert not best_multiples(profile, {k: v for k, v in results.items() if k != auto[4.0].id}).get("FlexLoRA, lambda lr auto")
     runs, tables, waiting = plan(profile, results)
     assert not waiting and len(runs) == len({run.id for run in runs})
     flex = tables["methods"][("FlexLoRA r=8 (cap 12), mean_norm", "stsb")]
@@ -264,9 +300,12 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     longer = next(run for run in runs if run.id == "glue-mrpc-lora-steps2x-lr0.5x-s0")
     assert {"train.max_steps=696", "eval.every_n_steps=29", "adapter.t_warmup=139", "adapter.t_final=139",
             "adapter.delta_t=28", "train.seed=0"} <= set(longer.args)
-    # 12 sweep + 6 commonsense + 3 tasks x (5 rows x 3 seeds + 2 single) - 3 sweep runs reused
-    # + 3 verdict rows x 2 tasks x 3 seeds at twice the steps
-    assert len(runs) == 12 + 6 + 3 * 17 - 3 + 18
+    # 12 + 24 sweep + 6 commonsense + 3 tasks x (5 rows x 3 seeds + 2 single) - 3 sweep runs reused
+    # + 3 switches x 3 tasks x 3 seeds - 3 x 2 sweep runs reused (STS-B, seeds 0 and 1 at the chosen lr)
+    # + (3 verdict rows + 3 switches) x 3 tasks x 3 seeds at twice the steps
+    assert len(runs) == 12 + 24 + 6 + 3 * 17 - 3 + 27 - 6 + 54
+    switch = next(run for run in runs if run.id == "glue-cola-flexlora-factor_initorthonormal-lambda_lr_multiplierauto-lr0.5x-s2")
+    assert {"adapter.factor_init=orthonormal", "train.lambda_lr_multiplier=auto", "train.lr=0.0004"} <= set(switch.args)
     # start order: lr sweeps, the rows the verdicts compare, the early switch, commonsense, then the other switches
     from bench.quality_runner import start_order
 

