@@ -1,6 +1,6 @@
 """The files ``python -m bench.quality --paper`` needs on a GPU machine that has no network and takes few files.
 
-    python -m bench.quality_carry .gpu_quality     # ~50 MB: MiniLM in fp16, the four GLUE tasks' tsv files, peft's wheel
+    python -m bench.quality_carry .gpu_quality     # ~61 MiB: MiniLM in fp16, the GLUE tsv files, two wheels
 
 Then, on the GPU machine, from the repository root (its own torch, transformers and accelerate are used):
 
@@ -12,7 +12,9 @@ What goes in the folder:
   91 MB; the recipe loads them as fp32, so each weight differs from the original by at most fp16's rounding, 2^-11
   relative), its config and tokenizer files;
 - ``glue/<CoLA|MRPC|RTE|STS-B>/``: the train and dev tsv files from ``--glue-dir`` (../shared/data/glue);
-- ``wheels/``: peft at this repo's pin (pure Python), so AdaLoRA's and LoRA's code is the one the CPU runs used.
+- ``wheels/``: transformers and peft at this repo's pins (pure Python), so the model, LoRA's and AdaLoRA's code are
+  the ones the CPU runs used (bench/quality_gpu.sh falls back to the machine's own transformers if the pinned one
+  does not import there; the machine's huggingface_hub, tokenizers and safetensors meet its requirements).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def prepare(out: Path, glue_dir: Path) -> int:
             shutil.copy2(tsv, out / "glue" / folder / tsv.name)
     (out / "wheels").mkdir(exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d",
-                    str(out / "wheels"), f"peft=={pinned_version('peft')}"], check=True)
+                    str(out / "wheels"), *(f"{name}=={pinned_version(name)}" for name in ("transformers", "peft"))],
+                   check=True)
     return sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
 
 

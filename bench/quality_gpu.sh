@@ -24,6 +24,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/quality_site "$CARRY"/wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/quality_site:$PWD
+if ! "$PYTHON" -c "import transformers, peft" > "$OUT/imports.log" 2>&1; then  # its other dependencies too old there
+    rm -rf /tmp/quality_site/transformers /tmp/quality_site/transformers-*
+    "$PYTHON" -c "import transformers, peft" >> "$OUT/imports.log" 2>&1 || exit 1
+fi
+"$PYTHON" -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/imports.log"
 LOCATIONS=(--data-dir "$CARRY/glue" --model-dir "$CARRY/minilm" --stop-after "$STOP")
 nvidia-smi dmon -s u -d 10 > "$OUT/gpu_utilisation.txt" 2>&1 &
 TRACE=$!
