@@ -232,7 +232,7 @@ PROFILES = {
              "commonsense at the quickstart's scale (240 steps, 50 dev items per task): a CPU stand-in for the paper's "
              "DeBERTaV3 / LLaMA3-8B runs",
         # the SVD form's update stayed 3-4x smaller than LoRA's (update statistics); this is the switch aimed at that
-        early_rows=("FlexLoRA, lambda lr x 10",),
+        early_rows=("FlexLoRA, lambda lr x 10", *(f"FlexLoRA, {name}" for name, _ in SWITCHES)),
         # LoRA's per-seed last-two gap stayed above 0.5 on CoLA and MRPC, and FlexLoRA's curves were still rising there.
         # At twice the steps LoRA's MRPC seed 0 stopped moving (80.6 -> 80.1, gap 0.25) while FlexLoRA's rose 74.8 ->
         # 80.9, so the verdict rows run there with every seed, and the verdicts are computed again at that length.
