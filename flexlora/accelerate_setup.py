@@ -2,8 +2,9 @@
 
 ``accelerate launch --config_file accelerate_configs/<engine>.yaml script.py`` describes the engine through
 environment variables (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``ACCELERATE_USE_DEEPSPEED``, ``WORLD_SIZE`` ...).
-A plain ``Accelerator()`` does not always honour them: on CPU it silently turns FSDP into DDP, DeepSpeed cannot
-create its process group without the gloo backend, and some launch commands start fewer processes than asked.
+A plain ``Accelerator()`` does not always honour them: on CPU it silently turns FSDP into DDP (and refuses an HSDP
+mesh), DeepSpeed cannot create its process group without the gloo backend, and some launch commands start fewer
+processes than asked.
 ``build_accelerator`` applies the workarounds and raises when the result still differs from what was launched.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, ParallelismConfig
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
@@ -23,6 +24,30 @@ def _env_flag(name: str) -> bool:
 
 def _has_accelerator_device() -> bool:
     return torch.accelerator.is_available()
+
+
+# Mesh dimensions FlexLoRA's allocator cannot edit: they split or re-partition the adapter tensors other than by rows.
+UNSUPPORTED_PARALLELISM = {"tp": "tensor parallelism", "cp": "context parallelism", "sp": "sequence parallelism"}
+
+
+def _parallelism_config(accelerator_kwargs: dict) -> ParallelismConfig | None:
+    """The parallelism config passed in, or the one the launch config asks for (its ``parallelism_config`` section,
+    which ``accelerate launch`` hands over as PARALLELISM_CONFIG_* variables); refused with a ``ValueError`` naming
+    any dimension besides data parallelism (dp_replicate_size x dp_shard_size)."""
+    config = accelerator_kwargs.get("parallelism_config")
+    if config is None and _env_flag("ACCELERATE_USE_PARALLELISM_CONFIG"):
+        config = ParallelismConfig()  # reads PARALLELISM_CONFIG_*, as Accelerator() would
+    if config is None:
+        return None
+    refused = [f"{UNSUPPORTED_PARALLELISM[dim]} ({dim}_size={getattr(config, f'{dim}_size')})"
+               for dim in UNSUPPORTED_PARALLELISM if getattr(config, f"{dim}_size") > 1]
+    if refused:
+        raise ValueError(
+            f"parallelism_config asks for {' and '.join(refused)}: FlexLoRA's allocator edits adapter tensors sharded "
+            "by rows only; use data parallelism: dp_shard_size (FSDP2), times dp_replicate_size for HSDP "
+            "(accelerate_configs/hsdp_multinode.yaml)"
+        )
+    return config
 
 
 def build_accelerator(**accelerator_kwargs) -> Accelerator:
@@ -40,7 +65,10 @@ def build_accelerator(**accelerator_kwargs) -> Accelerator:
       unsynchronised copies); FSDP2 gets the patch accelerate lacks (accelerate never enables FSDP for
       ``MULTI_CPU`` and silently runs DDP instead): the distributed type of both ``PartialState`` and the
       ``AcceleratorState`` is set to ``FSDP`` with the FSDP plugin from the launch config; DeepSpeed gets
-      ``InitProcessGroupKwargs(backend="gloo")`` unless a process-group handler is given.
+      ``InitProcessGroupKwargs(backend="gloo")`` unless a process-group handler is given. An HSDP
+      ``parallelism_config`` (which accelerate refuses on CPU before the FSDP patch) gets its 2-D device mesh after it.
+    * A ``parallelism_config`` with tensor, context or sequence parallelism is refused with a ``ValueError``:
+      FlexLoRA's allocator supports the data-parallel mesh dimensions only (``dp_replicate_size`` x ``dp_shard_size``).
     * Validation, raising ``RuntimeError`` naming the problem: the process count differs from the launcher's
       ``WORLD_SIZE``; several processes are running without a distributed type; the launch asked for FSDP or
       DeepSpeed but the Accelerator uses something else; or ``MASTER_PORT`` is set without ``WORLD_SIZE``, which
@@ -61,6 +89,15 @@ def build_accelerator(**accelerator_kwargs) -> Accelerator:
 
     kwargs = dict(accelerator_kwargs)
     on_cpu = not _has_accelerator_device() or bool(kwargs.get("cpu"))
+    parallelism_config = _parallelism_config(kwargs)
+    cpu_mesh = use_fsdp and on_cpu and parallelism_config is not None
+    if cpu_mesh:
+        # Accelerator() checks a parallelism config against its distributed type, which on CPU is MULTI_CPU until the
+        # FSDP patch below, and refuses it: start with the trivial config (no mesh), install the real one after it.
+        kwargs["parallelism_config"] = ParallelismConfig(dp_replicate_size=1, dp_shard_size=1, tp_size=1, cp_size=1,
+                                                         sp_size=1)
+    elif parallelism_config is not None:
+        kwargs["parallelism_config"] = parallelism_config
     fsdp_plugin = None
     if use_fsdp:
         fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
@@ -90,6 +127,11 @@ def build_accelerator(**accelerator_kwargs) -> Accelerator:
         if accelerator.mixed_precision != "no":
             fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)  # what AcceleratorState does for FSDP
         accelerator.state.fsdp_plugin = fsdp_plugin
+    if cpu_mesh:
+        # What Accelerator() does with a parallelism config, now that the distributed type is FSDP.
+        accelerator.state.parallelism_config = parallelism_config
+        parallelism_config._validate_accelerator(accelerator)
+        accelerator.state.device_mesh = parallelism_config.get_device_mesh(accelerator.device.type)
 
     _validate(accelerator, world_size, use_fsdp, use_deepspeed)
     return accelerator

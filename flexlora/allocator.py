@@ -124,13 +124,9 @@ class RankAllocator:
             _, start, stop = distributed.local_rows(layer.lora_Q)
             partial[start:stop] += q_s.double().sum(dim=1).cpu() / layer.d_in
             rows.append(partial)
-        scores = torch.stack(rows)
-        if any(distributed._is_dtensor(layer.lora_P) for layer in self.layers):
-            device = self.layers[0].rank_mask.device
-            summed = scores.to(device)
-            torch.distributed.all_reduce(summed)
-            self.collectives_last_step += 1
-            scores = summed.cpu()
+        # Each process scored the rows it holds; the shard group's partial sums make the whole (replicas not counted).
+        scores, collectives = distributed.sum_over_shards(torch.stack(rows), self.layers[0].lora_P)
+        self.collectives_last_step += collectives
         return scores
 
     def _validate(self, lam: torch.Tensor, step: int) -> None:

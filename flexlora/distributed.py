@@ -4,14 +4,16 @@ Every process holds some of the elements of each adapter tensor, always one cont
 flattened row-major (a ``Piece``):
 
 * single process, DDP, DeepSpeed ZeRO-1/2 module parameters: the whole tensor;
-* FSDP2 (DTensor ``Shard(0)``, split like ``torch.chunk``): a block of rows, possibly empty;
+* FSDP2 (DTensor ``Shard(0)``, split like ``torch.chunk``): a block of rows, possibly empty; under HSDP (a 2-D
+  mesh, placements ``(Replicate(), Shard(0))``) every replica holds the same blocks as the others;
 * DeepSpeed ZeRO-3: the ``ds_tensor`` partition, ``ceil(numel / world)`` elements per rank.
 
 DeepSpeed also keeps fp32 master copies and optimizer state in its own flat partitions; those are pieces too.
 The allocator edits one direction ("slot": a column of P, an element of lambda, a row of Q) by writing the
 slot's elements that fall inside each piece this process holds, so no process needs P or Q from another. The
 only collectives are: one all-gather of every module's local lambda in one flat buffer (when lambda is
-sharded) and one tiny all-reduce checking that every process took the same decision.
+sharded; over the shard group only, never across replicas) and one tiny all-reduce over every process checking
+that they all took the same decision.
 """
 
 from __future__ import annotations
@@ -54,6 +56,22 @@ def is_sharded(t: torch.Tensor) -> bool:
     if is_zero3_param(t):
         return True
     return _is_dtensor(t) and any(not isinstance(p, Replicate) for p in t.placements)
+
+
+def shard_mesh_dim(t: torch.Tensor) -> int:
+    """The mesh dimension over which the rows of the sharded DTensor ``t`` are split: FSDP2's ``(Shard(0),)`` or
+    HSDP's ``(Replicate(), Shard(0))``, where the other dimensions replicate. Any other layout (tensor or context
+    parallelism, rows split over two dimensions) is refused, naming the mesh dimensions and placements."""
+    sharded = [dim for dim, placement in enumerate(t.placements) if not isinstance(placement, Replicate)]
+    if len(sharded) != 1 or t.placements[sharded[0]] != Shard(0):
+        mesh = t.device_mesh
+        names = mesh.mesh_dim_names or tuple(f"dim{dim}" for dim in range(mesh.ndim))
+        raise NotImplementedError(
+            f"FlexLoRA's allocator edits adapter tensors whose rows are sharded over one data-parallel mesh dimension "
+            f"(FSDP2 (Shard(0),) or HSDP (Replicate(), Shard(0))); this one has placements {tuple(t.placements)} on "
+            f"the mesh {dict(zip(names, mesh.shape))}: tensor / context parallelism of the adapters is not supported"
+        )
+    return sharded[0]
 
 
 def full_shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -230,9 +248,8 @@ def _lambda_layout(lambdas: list[torch.Tensor]) -> tuple[str, int, object]:
         mesh, placements = lambdas[0].device_mesh, lambdas[0].placements
         if any(lam.device_mesh != mesh or lam.placements != placements for lam in lambdas):
             raise RuntimeError("all lambda tensors must share one device mesh and placement")
-        if mesh.ndim != 1:
-            raise NotImplementedError("gathering lambda over a multi-dimensional device mesh is not supported; use a 1-D FSDP2 mesh")
-        return kind, capacity, mesh.get_group()
+        # Replicas hold the same shards: gathering within the shard group gives every process the whole lambda.
+        return kind, capacity, mesh.get_group(shard_mesh_dim(lambdas[0]))
     if kind == "zero3":
         group = lambdas[0].ds_process_group
         if any(lam.ds_process_group is not group for lam in lambdas):
@@ -242,7 +259,8 @@ def _lambda_layout(lambdas: list[torch.Tensor]) -> tuple[str, int, object]:
 
 
 def lambda_gather_payload(num_modules: int, capacity: int, world: int) -> tuple[int, int]:
-    """(elements each process contributes, elements every process receives) for one sharded lambda gather."""
+    """(elements each process contributes, elements every process receives) for one sharded lambda gather over a
+    shard group of ``world`` processes (all processes under FSDP2 / ZeRO-3, one replica's under HSDP)."""
     chunk = math.ceil(capacity / world)
     return num_modules * chunk, world * num_modules * chunk
 
@@ -252,21 +270,33 @@ def gather_lambda_matrix(lambdas: list[torch.Tensor]) -> tuple[torch.Tensor, int
 
     Returns the matrix and the number of collectives used: 0 when lambda is replicated (single process, DDP,
     ZeRO-1/2), 1 when it is sharded (FSDP2, ZeRO-3): one all-gather of one flat float32 buffer holding every
-    module's local part (``ceil(R / world)`` elements per module and rank, zero-padded).
+    module's local part (``ceil(R / shards)`` elements per module and rank of the shard group, zero-padded).
     """
     kind, capacity, group = _lambda_layout(lambdas)
     if kind == "replicated":
         return torch.stack([local_rows(lam)[0].detach().double().cpu() for lam in lambdas]), 0
-    world = dist.get_world_size(group)
-    chunk = math.ceil(capacity / world)
+    shards = dist.get_world_size(group)
+    chunk = math.ceil(capacity / shards)
     locals_ = [lam.ds_tensor.data[:chunk] if kind == "zero3" else lam.to_local().detach() for lam in lambdas]
     buffer = torch.zeros(len(lambdas), chunk, dtype=torch.float32, device=comm_device(locals_[0].device, group))
     for row, piece in enumerate(locals_):
         buffer[row, : piece.shape[0]] = piece.float()
-    gathered = torch.empty(world * buffer.numel(), dtype=buffer.dtype, device=buffer.device)
+    gathered = torch.empty(shards * buffer.numel(), dtype=buffer.dtype, device=buffer.device)
     dist.all_gather_into_tensor(gathered, buffer.flatten(), group=group)
-    full = gathered.view(world, len(lambdas), chunk).permute(1, 0, 2).reshape(len(lambdas), world * chunk)
+    full = gathered.view(shards, len(lambdas), chunk).permute(1, 0, 2).reshape(len(lambdas), shards * chunk)
     return full[:, :capacity].double().cpu(), 1
+
+
+def sum_over_shards(partial: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum ``partial``, computed on each process from the rows of ``like`` it holds, over the processes holding
+    the other rows (the shard group; replicas hold the same rows, so summing over them would count them twice).
+    Returns the sum (on ``partial``'s device) and the number of collectives used: 0 when ``like`` is not sharded."""
+    if not (_is_dtensor(like) and is_sharded(like)):
+        return partial, 0
+    group = like.device_mesh.get_group(shard_mesh_dim(like))
+    summed = partial.to(comm_device(partial.device, group))
+    dist.all_reduce(summed, group=group)
+    return summed.to(partial.device), 1
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -295,6 +325,9 @@ def check_allocation_support(model: torch.nn.Module, layers: list, config) -> No
             "per direction: use FSDP2 (fsdp_version: 2 in the accelerate config, see accelerate_configs/fsdp2.yaml)"
         )
     params = [getattr(layer, name) for layer in layers for name in ("lora_P", "lora_lambda", "lora_Q")]
+    for param in params:
+        if _is_dtensor(param) and is_sharded(param):
+            shard_mesh_dim(param)  # refuses a mesh layout the allocator cannot edit, naming it
     deepspeed = any(is_zero3_param(p) or is_zero12_param(p) for p in params)
     if config.importance == "sensitivity" and deepspeed:
         raise RuntimeError(
@@ -332,19 +365,29 @@ def assert_same_decision(decision: list[tuple], device: torch.device, step: int,
         )
 
 
+def _group_size(args: tuple) -> int:
+    """Processes in the group a dispatched collective runs over: c10d ops carry the ProcessGroup (as a TorchScript
+    object), functional ones its name as their last argument."""
+    for arg in args:
+        if isinstance(arg, torch.ScriptObject) and "ProcessGroup" in str(arg._type()):
+            return dist.ProcessGroup.unbox(arg).size()
+    return dist.distributed_c10d._resolve_process_group(args[-1]).size()
+
+
 class CollectiveRecorder(TorchDispatchMode):
     """Records every collective dispatched inside the ``with`` block (c10d and functional) as (op name, bytes this
-    process sends): how the tests and bench/comm_volume.py check that an allocation moves only lambda."""
+    process sends, processes in its group): how the tests and bench/comm_volume.py check that an allocation moves
+    only lambda, and under HSDP gathers it within the shard group only."""
 
     def __init__(self):
         super().__init__()
-        self.calls: list[tuple[str, int]] = []
+        self.calls: list[tuple[str, int, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
-        if "c10d" in name:
-            # all-gather ops take (output, input, ...): what this process sends is its input
-            sent = args[1] if ("allgather" in name or "all_gather" in name) else args[0]
+        if "c10d" in name and not name.endswith("wait_tensor"):  # waiting on a functional collective sends nothing
+            # c10d all-gathers take (output, input, ...), functional ones (input, ...): what this process sends
+            sent = args[1] if "allgather" in name else args[0]
             tensors = sent if isinstance(sent, (list, tuple)) else [sent]
-            self.calls.append((name, sum(t.numel() * t.element_size() for t in tensors)))
+            self.calls.append((name, sum(t.numel() * t.element_size() for t in tensors), _group_size(args)))
         return func(*args, **(kwargs or {}))

@@ -76,7 +76,6 @@ class FlexLoRALayer(nn.Module):
         weight = base_layer.weight
         self.d_out, self.d_in = features(base_layer)
         self.capacity = config.max_rank
-        self.initial_rank = config.r
         self.scaling = config.lora_alpha / config.r
         self.orth_reg_weight = config.orth_reg_weight
         self.orth_reg = config.orth_reg
@@ -92,9 +91,13 @@ class FlexLoRALayer(nn.Module):
         self.lora_P = nn.Parameter(torch.empty(self.d_out, self.capacity, **factory))
         self.lora_lambda = nn.Parameter(torch.zeros(self.capacity, **factory))
         self.lora_Q = nn.Parameter(torch.empty(self.capacity, self.d_in, **factory))
-        mask = torch.zeros(self.capacity, **factory)
+        # A base built without weights (on meta: parameter counts, the non-main processes of FSDP2's sharded loading)
+        # still gets a real mask, as accelerate's init_empty_weights keeps buffers real: it is state, not a weight.
+        mask = torch.zeros(self.capacity, dtype=dtype, device="cpu" if weight.is_meta else weight.device)
         mask[: config.r] = 1.0
-        self.register_buffer("rank_mask", mask)
+        # Not in the model's state dict (save_adapters / load_adapters store it): accelerate's FSDP2 sharded loading
+        # broadcasts every state-dict entry as a sharded parameter and keeps non-persistent buffers as they are.
+        self.register_buffer("rank_mask", mask, persistent=False)
         self.factor_init = config.factor_init
         self.init_std = config.init_std
         if weight.device.type != "meta":
@@ -105,8 +108,6 @@ class FlexLoRALayer(nn.Module):
                 self.lora_Q.copy_(q)
 
     def active_rank(self) -> int:
-        if self.rank_mask.is_meta:  # shape-only model (e.g. for parameter counts): nothing has moved yet
-            return self.initial_rank
         return int(self.rank_mask.sum().item())
 
     def delta_weight(self) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .config import FlexLoRAConfig
-from .layer import ADAPTABLE_TYPES, FlexLoRALayer
+from .layer import ADAPTABLE_TYPES, SUPPORTED_BASE_LAYERS, FlexLoRALayer, features, unsupported_reason
 from .regulariser import LossScaleTracker
 
 
@@ -18,14 +18,6 @@ def _matches(name: str, targets: list[str] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a Linear or a transformers Conv1D (whose weight is stored [d_in, d_out])."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    d_in, d_out = module.weight.shape
-    return d_out, d_in
 
 
 @dataclass
@@ -107,12 +99,21 @@ class Adapters:
         return float(torch.stack(values).sum()) if values else 0.0
 
     @torch.no_grad()
-    def merge_and_unload(self) -> nn.Module:
-        """Fold every Delta W into its base weight and put the plain base layers back."""
+    def merge_and_unload(self, dequantize_to: torch.dtype | None = None) -> nn.Module:
+        """Fold every Delta W into its base weight and put the plain base layers back.
+
+        A 4-bit base (bitsandbytes Linear4bit) is refused unless ``dequantize_to`` names a dtype: each such layer then
+        becomes a dense nn.Linear of that dtype holding its dequantized weight + Delta W (4-bit layers that were not
+        adapted stay as they are). Nothing changes when a layer is refused."""
+        problems = [(name, problem) for name, layer in self.layers.items()
+                    for problem in [layer.merge_problem(dequantize_to)] if problem is not None]
+        if problems:
+            (name, problem), more = problems[0], len(problems) - 1
+            raise ValueError(f"merge_and_unload: {name}{f' (and {more} more)' if more else ''} {problem}")
         for hook in self._hooks:
             hook.remove()
         for name, layer in self.layers.items():
-            layer.merge()
+            layer.merge(dequantize_to)
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, layer.base_layer)
@@ -135,10 +136,12 @@ def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
             f"target_modules {config.target_modules!r} matched no module of {type(model).__name__}; "
             f"its linear layers are named {linear_names}"
         )
-    wrong = [f"{name} ({type(m).__name__})" for name, m in matched if not isinstance(m, ADAPTABLE_TYPES)]
+    wrong = [f"{name} ({reason})" for name, m in matched for reason in [unsupported_reason(m)] if reason is not None]
     if wrong:
-        raise ValueError(f"target_modules matched modules FlexLoRA cannot adapt (only Linear / Conv1D): {wrong}")
-    too_small = [f"{name} [d_out={d_out}, d_in={d_in}]" for name, m in matched for d_out, d_in in [_shape(m)]
+        more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+        raise ValueError(f"target_modules matched modules FlexLoRA cannot adapt exactly: {', '.join(wrong[:5])}{more}; "
+                         f"it adapts {SUPPORTED_BASE_LAYERS}")
+    too_small = [f"{name} [d_out={d_out}, d_in={d_in}]" for name, m in matched for d_out, d_in in [features(m)]
                  if config.max_rank > min(d_out, d_in)]
     if too_small:
         shown = ", ".join(too_small[:5]) + (f" and {len(too_small) - 5} more" if len(too_small) > 5 else "")

@@ -41,7 +41,7 @@ from flexlora.recipe_kit.data.commonsense import (
     write_synthetic_dataset,
 )
 from flexlora.recipe_kit.loop import start_run
-from flexlora.recipe_kit.models import load_causal_lm
+from flexlora.recipe_kit.models import load_causal_lm, main_process_loads_weights
 from flexlora.recipe_kit.run_config import (
     CheckpointConfig,
     ConfigError,
@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         plan_tasks(config.eval, eval_data_dir)  # missing or malformed scoring files fail now, not after training
 
     with accelerator.main_process_first():  # the first process converts / downloads, the others read its result
-        model, tokenizer = load_causal_lm(config.model, accelerator.device)
+        # FSDP2 sharded loading: only the main process reads the weights; prepare() broadcasts them into every shard
+        weights = is_main or not main_process_loads_weights(accelerator)
+        model, tokenizer = load_causal_lm(config.model, accelerator.device, weights=weights)
     tokenizer.padding_side = "right"
     model_name = Path(config.model.gguf_file).stem if config.model.gguf_file else Path(config.model.path.rstrip("/")).name
     examples = tokenize_rows(rows, tokenizer, config.data.cutoff_len, config.data.train_on_inputs, config.data.add_eos_token, progress=is_main, source=data_path)

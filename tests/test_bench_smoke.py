@@ -349,3 +349,18 @@ def test_llama3_8b_slice_has_llama3_8b_shapes():
     assert tuple(model.lm_head.weight.shape) == (128256, 4096) and model.lm_head.weight is not model.model.embed_tokens.weight
     assert set(target_shapes(model).values()) == {(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)}
     assert model.config.rope_parameters["rope_theta"] == 500000.0 and model.config.num_key_value_heads == 8
+
+
+def test_comm_volume_multinode_rows_keep_the_hsdp_gather_within_a_node():
+    """bench/comm_volume.py's HSDP rows: the lambda all-gather spans one node's GPUs and receives nothing from other
+    nodes; plain FSDP2 spans every GPU. The model sizes behind the per-step column are LLaMA3's."""
+    from bench.comm_volume import LLAMA3_70B, LLAMA3_8B, base_parameters, multinode_row
+    from flexlora.distributed import lambda_gather_payload
+
+    assert round(base_parameters(LLAMA3_8B) / 1e9, 2) == 8.03 and round(base_parameters(LLAMA3_70B) / 1e9, 1) == 70.6
+    for nodes in (2, 8):
+        hsdp, fsdp2 = (multinode_row(LLAMA3_8B, 8, nodes, 8, layout) for layout in ("HSDP", "FSDP2"))
+        assert (hsdp["group"], hsdp["across"], fsdp2["group"]) == (8, 0, nodes * 8)
+        sent, received = lambda_gather_payload(160, 12, nodes * 8)
+        assert fsdp2["sent"] == sent * 4 and fsdp2["within"] + fsdp2["across"] + fsdp2["sent"] == received * 4
+        assert fsdp2["step_across"] > 1000 * hsdp["step_across"]  # base weights over the network vs adapter gradients

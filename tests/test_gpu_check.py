@@ -1,4 +1,6 @@
-"""bench/gpu_check.sh --smoke: the GPU check's every step on the CPU with a tiny Llama, so the script cannot rot."""
+"""bench/gpu_check.sh --smoke: the GPU check's every step on the CPU, from a carry folder as bench/gpu_carry.py makes
+it (a carried wheel first on the path, the data rows) and with model.init=random at reduced depth and width, so the
+script cannot rot before it meets a GPU."""
 
 from __future__ import annotations
 
@@ -6,44 +8,89 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 from test_bench_smoke import table_with, tables
-from tiny_models import build_tiny_model_dir
+from test_random_init import small_llama3_dir
+
+from bench import gpu_carry
+from flexlora.recipe_kit.data.commonsense import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+STEPS = ["env", "overhead", "cr8b-flexlora", "cr8b-flexlora-resume", "cr8b-lora", "cr8b-lora-resume", "packing",
+         "fsdp2"]
 
 
-def test_gpu_check_smoke_runs_every_step(tmp_path):
-    model_dir = build_tiny_model_dir(tmp_path / "tiny_llama")
-    out = tmp_path / "check"
-    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def pack_installed_wheel(package: str, folder: Path) -> Path:
+    """An installed pure-Python package zipped as a wheel: what the carry folder holds, without a registry."""
+    import importlib.metadata
+
+    distribution = importlib.metadata.distribution(package)
+    wheel = folder / f"{package}-{distribution.version}-py3-none-any.whl"
+    root = Path(distribution.locate_file(""))
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for file in distribution.files:
+            if "__pycache__" not in file.parts and (root / file).is_file():
+                archive.write(root / file, str(file))
+    return wheel
+
+
+def test_gpu_check_smoke_runs_every_step_from_a_carry_folder(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "data", 24, 4)
+    carry = tmp_path / "carry"
+    assert gpu_carry.main(["--out", str(carry), "--data-dir", str(data), "--rows-per-task", "16", "--no-wheels"]) == 0
+    rows = json.loads((carry / "data" / "commonsense" / "synthetic_choice" / "train.json").read_text())
+    assert len(rows) == 16 and "total bytes" in (carry / "manifest.txt").read_text()
+    (carry / "wheels").mkdir()
+    pack_installed_wheel("peft", carry / "wheels")
+
+    out, work = tmp_path / "check", tmp_path / "work"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_PORT", None)
-    command = ["bash", str(REPO / "bench" / "gpu_check.sh"), "--smoke", "--model-dir", str(model_dir), "--out", str(out)]
+    model_config = small_llama3_dir(tmp_path / "small")
+    command = ["bash", str(REPO / "bench" / "gpu_check.sh"), "--smoke", "--model-config", str(model_config),
+               "--carry", str(carry), "--out", str(out), "--work", str(work)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
+    assert {p.name for p in out.iterdir()} == {"summary.md", "summary.json", "logs.tar.gz", "progress.tsv"}
     summary = (out / "summary.md").read_text()
-    steps = {row["step"]: row["exit status"] for row in table_with(summary, "step", "exit status")}
-    assert steps == dict.fromkeys(["overhead", "packing", "cr-lora", "cr-adalora", "cr-flexlora", "fsdp2", "fsdp2-reload"], "0")
-    assert json.loads((out / "env.json").read_text())["attn_implementation"] == "sdpa"
-    assert (out / "overhead" / "overhead.md").is_file() and "## Overhead" in summary
-    assert "1 passed, 1 skipped" in summary.split("## Packed = padded")[1]  # flash-attention needs a GPU
+    steps = {row["step"]: row["status"] for row in table_with(summary, "step", "peak GPU MiB")}
+    environment = json.loads((work / "env.json").read_text())
+    if environment["bitsandbytes_usable"]:  # (c) runs wherever bitsandbytes imports, here too
+        assert steps == dict.fromkeys(STEPS + ["nf4-flexlora", "nf4-lora"], "ok")
+    else:
+        assert steps == {**dict.fromkeys(STEPS, "ok"), "nf4": "skipped: bitsandbytes not carried"}
+        assert "skipped: bitsandbytes not carried" in summary.split("## (c)")[1]
+    assert environment["libraries"]["peft"].endswith("(carried)")  # the carried wheel won over the installed copy
+    assert "## (a) Overhead" in summary
+    assert "1 passed, 2 skipped" in summary.split("## (d)")[1]  # sdpa fp32 here; sdpa and flash-attn bf16 need a GPU
 
-    runs = {row["method"]: row for row in table_with(summary, "method", "rank changes")}
-    assert set(runs) == {"lora", "adalora", "flexlora"}
-    assert runs["lora"]["rank changes"] == "0" and int(runs["flexlora"]["rank changes"]) > 0
-    assert all(float(row["peak MiB"]) > 0 for row in runs.values())
+    for part, prefix in (("## (b)", "cr8b"), ("## (c)", "nf4"))[:2 if environment["bitsandbytes_usable"] else 1]:
+        runs = {row["run"]: row for row in table_with(summary.split(part)[1], "run", "tokens/s")}
+        assert set(runs) == {f"{prefix}-flexlora", f"{prefix}-lora"}
+        assert runs[f"{prefix}-flexlora"]["rank changes"].endswith("(step 3)")
+        assert runs[f"{prefix}-lora"]["rank changes"] == "0"
+        for row in runs.values():
+            assert row["steps"] == "6" and float(row["tokens/s"]) > 0 and float(row["step vs LoRA"]) > 0
+            if prefix == "cr8b":  # (c) does not resume
+                assert row["resume"] == "step 3 -> 6" and float(row["max abs loss diff after resume"]) <= 1e-6
+            assert row["PEFT export"] == "present" and float(row["peak MiB (torch)"]) > 0
 
-    fsdp = dict(tables(summary.split("## FSDP2")[1])[0][1:])  # a two-column table: name -> value
+    fsdp = dict(tables(summary.split("## (e)")[1])[0][1:])  # a two-column table: name -> value
     assert fsdp["engine"] == "FSDP, 2 process(es)"
     sharded, _, total = fsdp["parameter tensors sharded (DTensor)"].partition(" of ")
     assert int(sharded) == int(total) > 0
     # dropout off and the same global batch: the sharded run moves the same ranks as the one-process run
-    assert fsdp["rank changes"] == runs["flexlora"]["rank changes"]
-    assert fsdp["PEFT export"] == "present"
-    reloaded = json.loads((out / "fsdp2" / "reload_eval.json").read_text())
-    assert set(next(iter(reloaded["results"].values()))) >= {"synthetic_truefalse", "synthetic_choice"}
+    assert fsdp["same rank moves as cr8b-flexlora"] == "yes" and fsdp["PEFT export"] == "present"
+
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        names = set(archive.getnames())
+    assert {"logs/cr8b-flexlora-resume.log", "env.json", "runs/cr8b-flexlora/metrics.first.json",
+            "runs/fsdp2/allocation.jsonl"} <= names
+    assert not any(name.endswith(".safetensors") for name in names)
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "already holds a check" in again.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT_ONLY = ["datasets", "tensorboard", "matplotlib", "scipy", "sklearn", "lm_eval", "gguf", "sentencepiece", "PIL"]
+ABSENT = KIT_ONLY + ["bitsandbytes"]  # and the optional 4-bit backend (model.quantization=nf4)
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -23,11 +24,11 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_flexlora_trains_with_the_kit_dependencies_absent(tmp_path):
-    """A user's own loop: inject, train with allocation, export, in a process where the kit's extra packages are
-    not findable (as if not installed)."""
+    """A user's own loop: inject, train with allocation, export, in a process where the kit's extra packages and
+    bitsandbytes are not findable (as if not installed)."""
     script = textwrap.dedent(f"""
         import importlib.machinery, sys
-        BLOCKED = set({KIT_ONLY!r})
+        BLOCKED = set({ABSENT!r})
 
         class Absent(importlib.machinery.PathFinder):
             @classmethod

@@ -79,10 +79,12 @@ def _flash_attention_usable() -> bool:
     return True
 
 
-# Every implementation packing allows. flash-attention runs in bf16 on a GPU (bench/gpu_check.sh runs this test there):
-# the padded and the varlen kernels then round differently, while a row seeing another row moves logits by ~0.5.
+# Every implementation packing allows. On a GPU (bench/gpu_check.sh runs this test there) sdpa and flash-attention
+# run in bf16: the padded and packed kernels then round differently, while a row seeing another moves logits by ~0.5.
 IMPLEMENTATIONS = [
     pytest.param("sdpa", "cpu", torch.float32, 1e-5, id="sdpa-fp32"),
+    pytest.param("sdpa", "cuda", torch.bfloat16, 5e-2, id="sdpa-bf16-cuda",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
     pytest.param("flash_attention_2", "cuda", torch.bfloat16, 5e-2, id="flash_attention_2-bf16",
                  marks=pytest.mark.skipif(not _flash_attention_usable(), reason="needs a CUDA GPU and flash_attn")),
 ]

@@ -184,8 +184,9 @@ def test_bad_training_row_stops_the_recipe_with_its_index(recipe, tiny_model_dir
 
 
 def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, tmp_path):
-    """Two gloo processes under FSDP2 (build_accelerator's CPU patch) train the same run as one process with
-    gradient accumulation: same losses, same rank decisions (dropout off so both draw no random masks)."""
+    """Two gloo processes under FSDP2 (build_accelerator's CPU patch) with sharded loading, as the GPU configs have it
+    (only the main process reads the checkpoint), train the same run as one process with gradient accumulation: same
+    losses, same rank decisions (dropout off so both draw no random masks)."""
     import os
     import subprocess
     import sys
@@ -195,7 +196,8 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MASTER_PORT", None)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_fsdp2.yaml"),
-               "--main_process_port", "0", str(RECIPE), "--config", str(REPO / "recipes" / "configs" / "quickstart.yaml"),
+               "--main_process_port", "0", "--fsdp_cpu_ram_efficient_loading", "true",
+               str(RECIPE), "--config", str(REPO / "recipes" / "configs" / "quickstart.yaml"),
                *tiny_overrides(tiny_model_dir, tmp_path / "fsdp2", **same)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -5,14 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_tiny_model_dir(directory: Path) -> Path:
-    """A 2-layer Llama and a byte-level BPE tokenizer trained on template-like text, saved like a hub model.
-
-    Like Llama-3's tokenizer it adds a BOS token and has no pad token.
-    """
-    import torch
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer (500 tokens) trained on template-like text. Like Llama-3's tokenizer it adds a BOS
+    token and has no pad token. recipes/configs/models/tiny-tokenizer is this tokenizer, saved."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from flexlora.recipe_kit.data.commonsense import synthetic_rows, training_prompt
 
@@ -27,10 +24,19 @@ def build_tiny_model_dir(directory: Path) -> Path:
     backend.train_from_iterator(corpus, trainer)
     bos = backend.token_to_id("<|begin_of_text|>")
     backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+
+
+def build_tiny_model_dir(directory: Path) -> Path:
+    """A 2-layer Llama and the tiny tokenizer (build_tiny_tokenizer), saved like a hub model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    bos = tokenizer.bos_token_id
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )

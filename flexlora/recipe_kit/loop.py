@@ -44,6 +44,15 @@ def all_finite(tensors, accelerator) -> bool:
 log = logging.getLogger(__name__)
 
 
+def real_tokens(batch: dict) -> torch.Tensor | int:
+    """Tokens a micro-batch trains on, padding excluded (0 for a batch of images). A packed micro-batch has no
+    padding (its attention_mask, where it has one, is the 4-D block mask)."""
+    if "input_ids" not in batch:
+        return 0
+    mask = batch.get("attention_mask")
+    return mask.sum() if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
+
+
 def batches_per_process(examples: int, micro_batch_size: int, num_processes: int) -> int:
     """Micro-batches each process sees per epoch: accelerate gives every process the same count, the last ones
     filled up from the start of the epoch."""
@@ -111,6 +120,10 @@ class TrainLoop:
             collate_fn=run.collator, num_workers=run.num_workers, generator=torch.Generator().manual_seed(train.seed)))
         self.global_step, self.epoch, self.batches_done, self.last_loss = 0, 0, 0, float("nan")
         self.skipped_steps = 0
+        # what run() measured, for metrics.json: each optimizer step's seconds (logging, hooks and checkpoints
+        # excluded) and the tokens trained on by all processes, padding excluded
+        self.step_seconds: list[float] = []
+        self.tokens_this_run = 0
         self._step_loss = torch.zeros((), device=accelerator.device)  # this process's mean micro-batch loss, last step
 
     def _run_identity(self) -> dict:
@@ -230,6 +243,7 @@ class TrainLoop:
                         disable=not accelerator.is_main_process, dynamic_ncols=True)
         max_norm = train.max_grad_norm or math.inf
         started, hook_seconds = time.time(), 0.0
+        step_started, tokens = started, torch.zeros((), dtype=torch.long, device=accelerator.device)
         self.model.train()
         step_loss, step_batches = torch.zeros((), device=accelerator.device), 0
         while self.global_step < self.total_steps:
@@ -240,6 +254,7 @@ class TrainLoop:
                     loss = self.model(**batch).loss
                     accelerator.backward(loss)
                     step_loss += loss.detach()
+                    tokens += real_tokens(batch)
                     step_batches += 1
                     self.batches_done += 1
                     if not accelerator.sync_gradients:
@@ -257,6 +272,7 @@ class TrainLoop:
                     self.optimizer.zero_grad()
                 self.global_step += 1
                 step_loss, step_batches = torch.zeros((), device=accelerator.device), 0
+                self.step_seconds.append(time.time() - step_started)
                 progress.update(1)
                 last = self.global_step == self.total_steps
                 every = self.config.checkpoint.every_n_steps
@@ -274,11 +290,13 @@ class TrainLoop:
                 # The last step is checkpointed too, so rerunning a finished run only re-saves (and re-scores) it.
                 if checkpoint_due:
                     self.save_checkpoint()
+                step_started = time.time()
                 if self.global_step >= self.total_steps:
                     break
             else:
                 self.epoch, self.batches_done = self.epoch + 1, 0
         progress.close()
+        self.tokens_this_run = int(accelerator.reduce(tokens, reduction="sum").item())
         return time.time() - started - hook_seconds
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .run_config import ModelConfig
+from .run_config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +117,100 @@ def ensure_pad_token(tokenizer, model: nn.Module | None = None) -> None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_causal_lm(config: ModelConfig, device: torch.device):
-    """(model, tokenizer) for training or scoring, on CPU memory in the resolved dtype."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def quantization_config(config: ModelConfig, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for ``model.quantization`` (None for none): nf4 with its block scales
+    quantized again (QLoRA's double quantization), the dequantized matmuls computed in ``dtype``."""
+    if config.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization={config.quantization} needs bitsandbytes, which is not installed "
+                          "(pip install the version pinned in requirements.txt)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quantization,
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+
+
+def main_process_loads_weights(accelerator) -> bool:
+    """True when FSDP2 loads the checkpoint on the main process only (``fsdp_cpu_ram_efficient_loading: true`` in the
+    accelerate config) and there are other processes: in ``accelerator.prepare`` accelerate broadcasts the main
+    process's weights into every process's shards, so the others build the model without weights
+    (``load_causal_lm(..., weights=False)``) and never hold it whole in host memory."""
+    from accelerate.utils import DistributedType
+
+    return (accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1
+            and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading)
+
+
+@torch.no_grad()
+def allocate_trainable_parameters(model: nn.Module, accelerator) -> None:
+    """Give the trainable parameters of a model built without weights (its adapters: FlexLoRA's P, lambda, Q or PEFT's
+    lora_A / lora_B, on meta like their base layers) memory on this process's device. Their values do not matter:
+    FSDP2's sharded loading overwrites every parameter with the main process's in ``accelerator.prepare``. They must
+    be real before then, because accelerate maps the optimizer's parameters to their shards by storage address, which
+    meta tensors do not have."""
+    if not any(p.is_meta for p in model.parameters()):
+        return
+    if not main_process_loads_weights(accelerator):
+        raise RuntimeError("the model was built without weights, but no FSDP2 sharded loading will broadcast them "
+                           "(fsdp_cpu_ram_efficient_loading: true under FSDP with several processes)")
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta and param.requires_grad:
+                module.register_parameter(name, nn.Parameter(torch.empty_like(param, device=accelerator.device)))
+
+
+def load_causal_lm(config: ModelConfig, device: torch.device, weights: bool = True):
+    """(model, tokenizer) for training or scoring in the resolved dtype: the pretrained weights in CPU memory, or with
+    ``model.init=random`` the architecture of the config.json in ``model.path`` with random weights on ``device``.
+    With ``model.quantization=nf4`` every linear layer but lm_head is a bitsandbytes Linear4bit, quantized by
+    transformers' loader on ``device`` (where bitsandbytes keeps it).
+
+    ``weights=False`` (the processes other than the main one under FSDP2's sharded loading, see
+    ``main_process_loads_weights``) reads no weights: the architecture only, its parameters on meta and its buffers
+    (rotary frequencies) real, as accelerate's ``init_empty_weights`` makes it. transformers' own switch for this
+    mode (``FSDP_CPU_RAM_EFFICIENT_LOADING``) no longer keeps ``from_pretrained`` on the other processes from reading
+    the checkpoint (5.x reads it on every process), and accelerate's broadcast in ``prepare`` fills in the weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     location = resolve_model_location(config.path)
     if config.gguf_file:
         location = str(converted_gguf_dir(location, config.gguf_file))
     dtype = resolve_dtype(config.dtype, device)
     attn = resolve_attn_implementation(config.attn_implementation, device)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=attn)
-    tokenizer = AutoTokenizer.from_pretrained(location)
+    quantization = quantization_config(config, dtype)
+    quantized = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
+    if not weights and quantized:
+        raise ValueError("a model without weights is for FSDP2's sharded loading, which cannot shard a 4-bit base")
+    if config.init == "random":
+        folder = Path(location)
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model.path {config.path}: no config.json, which model.init=random builds from")
+        if folder.is_dir() and config.tokenizer is None and not any(
+                (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise ConfigError(f"model.path {config.path} holds no tokenizer: set model.tokenizer (any whose ids fit "
+                              "the vocabulary, e.g. recipes/configs/models/tiny-tokenizer)")
+        # made where it trains and in its dtype: an 8B model never passes through CPU memory or fp32
+        with torch.device(device) if weights else init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(location), dtype=dtype,
+                                                     attn_implementation=attn)
+        if quantized:  # the loader quantizes the random weights as it would a checkpoint's
+            model = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(), dtype=dtype,
+                                                attn_implementation=attn, **quantized)
+    elif not weights:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(location), dtype=dtype,
+                                                     attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=attn, **quantized)
+    tokenizer_location = resolve_model_location(config.tokenizer) if config.tokenizer else location
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_location)
+    embeddings = model.get_input_embeddings().num_embeddings
+    if (config.tokenizer or config.init == "random") and len(tokenizer) > embeddings:
+        # a tokenizer chosen apart from the weights: an id past the embedding would fail deep inside a kernel
+        raise ConfigError(f"model.tokenizer {config.tokenizer or config.path}: {len(tokenizer)} tokens do not fit the "
+                          f"model's vocabulary of {embeddings}; use a tokenizer whose ids are below {embeddings}")
     ensure_pad_token(tokenizer, model)
     return model, tokenizer
 
@@ -141,6 +224,11 @@ def model_name(path: str) -> str:
 
 def load_classifier(auto_class, config: ModelConfig, device: torch.device, **kwargs) -> nn.Module:
     """A pretrained encoder with a new head (``kwargs``: num_labels ...), in the resolved dtype."""
+    if config.init != "pretrained" or config.tokenizer is not None:
+        raise ConfigError("model.init=random and model.tokenizer are for causal LMs (recipes/llama3_cr.py); "
+                          "classifiers load weights and tokenizer or image processor from model.path")
+    if config.quantization != "none":
+        raise ConfigError("model.quantization is for causal LMs (recipes/llama3_cr.py); classifiers load dense weights")
     location = resolve_model_location(config.path)
     if config.gguf_file:
         raise ValueError("model.gguf_file is for causal LMs; classifiers load from a transformers folder or hub id")

@@ -307,6 +307,9 @@ class ModelConfig:
     init: str = "pretrained"
     tokenizer: str | None = None  # where the tokenizer is (folder, hub id, package:<name>), when not in `path`
     dtype: str = "auto"  # auto: bfloat16 where the accelerator supports it, else float32 | bfloat16 | float16 | float32
+    # none | nf4: every linear layer but lm_head stored as bitsandbytes 4-bit NormalFloat and computed in `dtype`
+    # (QLoRA); adapters stay in adapter.adapter_dtype. Causal LMs only; one process or DDP, not FSDP2
+    quantization: str = "none"
     attn_implementation: str = "auto"  # auto: flash_attention_2 when importable on CUDA, else sdpa | sdpa | eager
     gradient_checkpointing: bool = True  # non-reentrant activation checkpointing
 
@@ -321,6 +324,8 @@ class ModelConfig:
             raise ValueError("model.tokenizer is empty: name the tokenizer's folder or hub id, or null for model.path's")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"model.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.quantization not in ("none", "nf4"):
+            raise ValueError(f"model.quantization must be none or nf4, got {self.quantization!r}")
         if self.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
             raise ValueError(f"model.attn_implementation must be auto, flash_attention_2, sdpa or eager, got {self.attn_implementation!r}")
 

@@ -20,6 +20,7 @@ from flexlora.optim_state import param_groups
 
 from .loop import TrainingRun, TrainLoop, batches_per_process, steps_per_epoch
 from .methods import AdapterMethod, build_method
+from .models import allocate_trainable_parameters
 from .records import plot_rank_heatmap
 from .run_config import ConfigError
 
@@ -36,13 +37,18 @@ class Training:
 
 
 def refuse_unsupported_engine(config, accelerator) -> None:
-    """The recipes run on one process, DDP or FSDP2; PEFT's AdaLoRA baseline not under FSDP."""
+    """The recipes run on one process, DDP or FSDP2; PEFT's AdaLoRA baseline and a 4-bit base not under FSDP."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError("the recipes run on one process, DDP or FSDP2 (accelerate_configs/fsdp2.yaml, ddp.yaml, cpu*.yaml), "
                          "not DeepSpeed, whose engine keeps the optimizer state the recipes' checkpoints save")
     if config.method == "adalora" and accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError("method=adalora cannot run under FSDP: PEFT's AdaLoRA allocator reads whole, unsharded A/E/B tensors "
                          "and gradients. Run the AdaLoRA baseline with accelerate_configs/ddp.yaml (or one process).")
+    if config.model.quantization != "none" and accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError(f"model.quantization={config.model.quantization} cannot run under FSDP2: bitsandbytes' "
+                          "Linear4bit keeps its quantization state beside the packed weight, where fully_shard cannot "
+                          "shard it (torchtune shards torchao's NF4Tensor; these recipes do not). Run one process or "
+                          "DDP (accelerate_configs/ddp.yaml)")
 
 
 def build_training(config, accelerator, model: nn.Module, dataset, collator: Callable, task_type: str | None,
@@ -65,12 +71,15 @@ def build_training(config, accelerator, model: nn.Module, dataset, collator: Cal
              len(dataset), batches, train.micro_batch_size, accumulation, per_epoch, total_steps, warmup)
 
     method = build_method(config.method, model, config.adapter, total_steps, task_type=task_type)
+    allocate_trainable_parameters(method.model, accelerator)  # a model built without weights (FSDP2 sharded loading)
     params = method.parameter_count()
     trained_extra = sum(p.numel() for n, p in method.model.named_parameters() if p.requires_grad and ".lora_" not in n)
     log.info("method %s: %s adapter parameters allocated (+%s in trained heads), %d target matrices, total active rank %d",
              config.method, f"{params:,}", f"{trained_extra:,}", len(method.initial_ranks()), sum(method.ranks().values()))
     if train.lambda_lr_multiplier != 1.0 and config.method != "flexlora":
-        raise ConfigError(f"train.lambda_lr_multiplier={train.lambda_lr_multiplier} applies to FlexLoRA's lambda only; "
+        multiplier = train.lambda_lr_multiplier
+        shown = multiplier if isinstance(multiplier, str) else f"{multiplier:g}"
+        raise ConfigError(f"train.lambda_lr_multiplier={shown} applies to FlexLoRA's lambda only; "
                           f"method={config.method} has none (leave it at 1)")
     optimizer = torch.optim.AdamW(param_groups(method.model, train.lr, train.lambda_lr_multiplier), lr=train.lr,
                                   weight_decay=train.weight_decay)
@@ -103,8 +112,9 @@ def run_metrics(training: Training, train_seconds: float) -> dict:
         "steps": loop.global_step,
         "final_loss": loop.last_loss,
         "train_seconds_this_run": round(train_seconds, 1),
-        "tokens_this_run": loop.tokens_this_run,  # padding excluded, all processes
-        "tokens_per_second_this_run": round(loop.tokens_this_run / train_seconds, 1) if train_seconds > 0 else None,
+        "tokens_this_run": loop.tokens_this_run,  # padding excluded, all processes; 0 for images
+        "tokens_per_second_this_run": round(loop.tokens_this_run / train_seconds, 1)
+        if loop.tokens_this_run and train_seconds > 0 else None,
         "median_step_seconds_this_run": round(statistics.median(loop.step_seconds), 4) if loop.step_seconds else None,
         "total_active_rank": sum(method.ranks().values()),
         "rank_changes": len(method.history()),

@@ -5,6 +5,7 @@ scenario, the final adapter (rank 0) and each rank's masks, allocation history a
 step. The test compares them across ranks and against the single-process run of the same scenarios.
 
     accelerate launch --config_file accelerate_configs/cpu_fsdp2.yaml tests/distributed/worker.py --engine fsdp2 --out DIR
+    accelerate launch --config_file accelerate_configs/cpu_hsdp.yaml tests/distributed/worker.py --engine hsdp --out DIR
     python tests/distributed/worker.py --engine single --out DIR [--resume-from DIR_OF_THE_FSDP2_RUN]
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
+from torch.distributed.tensor import Replicate, Shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import flexlora
@@ -29,10 +31,14 @@ EXPECTED_TYPE = {
     "single": DistributedType.NO,
     "ddp": DistributedType.MULTI_CPU,
     "fsdp2": DistributedType.FSDP,
+    "hsdp": DistributedType.FSDP,
     "zero2": DistributedType.DEEPSPEED,
     "zero3": DistributedType.DEEPSPEED,
 }
-SHARDED_LAMBDA = {"fsdp2", "zero3"}  # engines under which each process holds only part of lambda
+SHARDED_LAMBDA = {"fsdp2", "hsdp", "zero3"}  # engines under which each process holds only part of lambda
+WORLD = {"single": 1, "hsdp": 4}  # processes per engine; 2 for the others
+HSDP_MESH = {"dp_replicate": 2, "dp_shard_cp": 2}  # accelerate_configs/cpu_hsdp.yaml (FSDP2 shards over dp_shard_cp)
+PEFT_EXPORTED = {"single", "fsdp2", "hsdp"}  # engines whose step-SAVE_AT save is also exported to PEFT
 GLOBAL_BATCH, SEQ_LEN, VOCAB = 4, 16, 96
 TOTAL_STEPS, SAVE_AT = 10, 5
 # DeepSpeed clips inside its step (accelerate cannot pass it 0 = off; DeepSpeed's default is 1.0): all engines clip.
@@ -72,6 +78,7 @@ DEEPSPEED_REFUSAL = "needs each adapter parameter's gradient"
 ORTHOGONAL = ({"expand_init": "orthogonal"}, SHARDED_REFUSAL)
 REFUSED = {
     "fsdp2": {"small": (SCENARIOS["small"], SHARDED_REFUSAL), "orthogonal": ORTHOGONAL},
+    "hsdp": {"small": (SCENARIOS["small"], SHARDED_REFUSAL), "orthogonal": ORTHOGONAL},
     "zero3": {
         "small": (SCENARIOS["small"], SHARDED_REFUSAL),
         "orthogonal": ORTHOGONAL,
@@ -138,8 +145,13 @@ def train(accelerator, engine: str, name: str, config: flexlora.FlexLoRAConfig, 
     if history is not None:
         allocator.load_state_dict(history)
     world = accelerator.num_processes
+    first_lambda = adapters.layers[adapters.names[0]].lora_lambda
     if engine in SHARDED_LAMBDA:
-        assert fl_dist.is_sharded(adapters.layers[adapters.names[0]].lora_lambda), f"{engine}: lambda is not sharded"
+        assert fl_dist.is_sharded(first_lambda), f"{engine}: lambda is not sharded"
+    if engine == "hsdp":
+        mesh = first_lambda.device_mesh
+        assert dict(zip(mesh.mesh_dim_names, mesh.shape)) == HSDP_MESH, mesh
+        assert tuple(first_lambda.placements) == (Replicate(), Shard(0)), first_lambda.placements
     comm, losses = {}, []
     model.train()
     for step, batch in enumerate(loader, start=first_step + 1):
@@ -157,8 +169,9 @@ def train(accelerator, engine: str, name: str, config: flexlora.FlexLoRAConfig, 
         losses.append(loss.item())
         if step == SAVE_AT and load_from is None:
             save_adapters(adapters, out / f"{name}_step{SAVE_AT}", allocator.state_dict())
-            if engine == "fsdp2":
+            if engine in PEFT_EXPORTED:
                 export_peft(adapters, out / f"{name}_step{SAVE_AT}_peft")
+            if engine == "fsdp2":
                 model.eval()
                 with torch.no_grad():
                     logits = model(input_ids=eval_batch()).logits
@@ -179,6 +192,13 @@ def train(accelerator, engine: str, name: str, config: flexlora.FlexLoRAConfig, 
         "num_modules": len(adapters.layers),
         "capacity": config.max_rank,
     }
+    if engine == "hsdp":
+        # Which launched machine ("node") each process of this one's shard group runs on: the lambda gather
+        # should stay within a node.
+        shard_group = first_lambda.device_mesh.get_group(fl_dist.shard_mesh_dim(first_lambda))
+        nodes = [None] * dist.get_world_size(shard_group)
+        dist.all_gather_object(nodes, int(os.environ["GROUP_RANK"]), group=shard_group)
+        record["shard_group_nodes"] = nodes
     (out / f"{name}_rank{rank}.json").write_text(json.dumps(record))
     if accelerator.is_main_process:
         torch.save(state, out / f"{name}_adapter.pt")
@@ -232,7 +252,7 @@ def main() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     accelerator = build_accelerator()
-    expected_world = 1 if args.engine == "single" else 2
+    expected_world = WORLD.get(args.engine, 2)
     # A launch that silently fell back to one process or to DDP would still "pass" a comparison with the
     # single-process run: check what actually runs.
     assert accelerator.num_processes == expected_world, (args.engine, accelerator.num_processes)
@@ -251,6 +271,10 @@ def main() -> None:
     check_refusals(args.engine, last)
     if args.engine == "ddp":
         check_disagreement_is_caught(accelerator, last)
+    if args.engine == "hsdp":
+        # Resume this run's own step-SAVE_AT save on the 2-D mesh (fresh optimizer), as one process does below.
+        config = flexlora.FlexLoRAConfig(**{**BASE_CONFIG, **SCENARIOS["entropy"]})
+        train(accelerator, "hsdp", "resume_self", config, args.out, SAVE_AT, args.out / f"entropy_step{SAVE_AT}")
     if args.engine == "single":
         # Resume from the step-SAVE_AT save with one process (fresh optimizer): from this run's own save and,
         # when given, from a save written by a sharded run with more processes. Both must continue identically.

@@ -1,0 +1,119 @@
+"""Prepare the carry folder bench/gpu_check.sh needs on a bare GPU machine (no package registry, its own Python 3.12
+with torch, transformers, accelerate and peft, no datasets / lm_eval / gguf / pytest), on any machine with pip and
+network, from the repository root:
+
+    python -m bench.gpu_carry                       # -> .gpucarry/ (git-ignored), 15.6 MiB
+    python -m bench.gpu_carry --out DIR --data-dir ../shared/data/commonsense --rows-per-task 64
+
+What it holds, and why:
+
+* ``wheels/``: pure-Python wheels, pinned, fetched for the GPU machine's Python with
+  ``pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --dest wheels
+  <WHEELS below>``. gpu_check.sh unpacks them into its work folder and puts them first on PYTHONPATH, so they win
+  over the machine's own copies: transformers and peft at the versions this repo pins (the machine's transformers
+  5.17 lacks ``activation_checkpointing_enable``, which the recipes call; its peft is of unknown version), and
+  pytest with its dependencies for the packed = padded test (``packaging`` too: pytest needs >= 24). torch,
+  accelerate (1.15, as pinned), huggingface_hub (transformers 5.24 imports with the machine's: see
+  bench/results/quality_gpu_logs/imports.log), tokenizers and safetensors are the machine's own.
+  Nothing the check runs imports datasets, lm_eval or gguf (the recipe kit imports them only for hub data sets,
+  scoring and GGUF files), so none is carried; bitsandbytes (~60 MiB, CUDA builds) is not carried either, and the
+  4-bit step is skipped where the machine lacks it.
+* ``data/commonsense/<task>/train.json``: the first ``--rows-per-task`` rows of each LLM-Adapters train file found
+  in ``--data-dir`` (with its licence file), enough for the check's runs (30 steps x 8 rows).
+* ``manifest.txt``: every file with its size and sha256, and the command that made the folder.
+
+The tokenizer (recipes/configs/models/tiny-tokenizer) and LLaMA3-8B's config.json ship with the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# The versions requirements.txt pins (transformers, peft, pytest) and pytest's dependencies as this venv resolved them.
+WHEELS = ("transformers==5.24.0", "peft==0.21.2", "pytest==9.2.0", "pluggy==1.7.0", "iniconfig==2.3.1",
+          "pygments==2.21.0", "packaging==26.4")
+TARGET = ("--python-version", "3.12", "--platform", "manylinux2014_x86_64")
+LICENCE = "LLM-Adapters.DATA_LICENSE"
+
+
+def download_wheels(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *TARGET,
+                    "--dest", str(folder), *WHEELS], check=True)
+    fetched = sorted(p.name for p in folder.glob("*.whl"))
+    if len(fetched) != len(WHEELS) or any(not name.endswith("-py3-none-any.whl") for name in fetched):
+        raise SystemExit(f"gpu_carry: expected {len(WHEELS)} pure-Python wheels, got {fetched}")
+
+
+def copy_rows(data_dir: Path, target: Path, rows_per_task: int) -> int:
+    """The first rows of every <task>/train.json under data_dir; returns how many tasks were copied."""
+    tasks = sorted(p.parent for p in data_dir.glob("*/train.json"))
+    if not tasks:
+        raise SystemExit(f"gpu_carry: --data-dir {data_dir} holds no <task>/train.json files")
+    for task in tasks:
+        rows = json.loads((task / "train.json").read_text())[:rows_per_task]
+        (target / task.name).mkdir(parents=True)
+        (target / task.name / "train.json").write_text(json.dumps(rows, indent=1) + "\n")
+    if (data_dir / LICENCE).is_file():
+        shutil.copy(data_dir / LICENCE, target / LICENCE)
+    return len(tasks)
+
+
+def write_manifest(out: Path, command: str) -> int:
+    """manifest.txt (size and sha256 of every file); returns the folder's total bytes."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.txt")
+    lines = [f"made by: {command}", ""]
+    total = 0
+    for path in files:
+        data = path.read_bytes()
+        total += len(data)
+        lines.append(f"{len(data):>10}  {hashlib.sha256(data).hexdigest()}  {path.relative_to(out)}")
+    lines += ["", f"{total:>10}  total bytes ({total / 2**20:.2f} MiB)"]
+    (out / "manifest.txt").write_text("\n".join(lines) + "\n")
+    return total
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(".gpucarry"))
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/commonsense"))
+    parser.add_argument("--rows-per-task", type=int, default=64)
+    parser.add_argument("--no-wheels", action="store_true", help="data only (the tests: they have no network)")
+    args = parser.parse_args(argv)
+    command = "python -m bench.gpu_carry " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if args.out.exists():
+        print(f"gpu_carry: --out {args.out} exists; remove it or choose another folder", file=sys.stderr)
+        return 2
+    if not args.data_dir.is_dir():
+        print(f"gpu_carry: --data-dir {args.data_dir} is not a folder", file=sys.stderr)
+        return 2
+    if args.rows_per_task < 1:
+        print(f"gpu_carry: --rows-per-task must be >= 1, got {args.rows_per_task}", file=sys.stderr)
+        return 2
+    # built next to --out and renamed at the end: an interrupted preparation leaves no half-made carry folder
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{args.out.name}.tmp", dir=args.out.parent))
+    try:
+        if not args.no_wheels:
+            download_wheels(staging / "wheels")
+        tasks = copy_rows(args.data_dir, staging / "data" / "commonsense", args.rows_per_task)
+        total = write_manifest(staging, command)
+        staging.rename(args.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    wheels = "" if args.no_wheels else f", {len(WHEELS)} wheels"
+    print(f"{args.out}: {tasks} tasks x {args.rows_per_task} rows{wheels}, {total / 2**20:.2f} MiB (manifest.txt lists "
+          "every file)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
