@@ -43,8 +43,9 @@ def ok(results: dict[str, dict], run_ids: list[str]) -> list[dict]:
 
 
 def scores(results: dict[str, dict], run_ids: list[str], metric: str, key: str = "scores") -> list[float]:
-    """The runs' ``key`` scores: ``scores`` (after the last step) or ``best_scores`` (the best evaluation's)."""
-    return [r[key][metric] for r in ok(results, run_ids) if metric in r.get(key, {})]
+    """The runs' ``key`` scores: ``scores`` (after the last step) or ``best_scores`` (the best evaluation's). A NaN
+    score (a collapsed run whose predictions are constant) is left out here; the sweep table lists it as diverged."""
+    return [r[key][metric] for r in ok(results, run_ids) if math.isfinite(r.get(key, {}).get(metric, math.nan))]
 
 
 def verdict(flex: list[float], other: list[float]) -> str:
