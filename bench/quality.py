@@ -103,7 +103,7 @@ class Profile:
     threads: int
     note: str
     gpu_seconds_per_step: dict[str, float] = field(default_factory=dict)  # the same on one GPU, runs gpu_jobs at a time
-    gpu_jobs: int = 0  # runs at a time on one GPU (they are launch-bound: many share it); 0: jobs
+    gpu_jobs: int = 0  # runs at a time on one GPU (time-sliced without MPS: see bench/quality_gpu.sh); 0: jobs
     steps_per_epoch: dict[str, int] = field(default_factory=dict)  # for the estimate of runs set by train.epochs
     early_rows: tuple[str, ...] = ()  # row labels started right after the verdicts' rows (see quality_runner.start_order)
     # a methods row again on a longer schedule (same seed): did its score stop moving at the standard length?
