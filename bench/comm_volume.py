@@ -44,7 +44,13 @@ class Shape:
     def target_dims(self) -> list[tuple[int, int]]:
         """(d_out, d_in) of q, k, v, up, down in every layer."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        per_layer = [(q, self.hidden), (kv, self.hidden), (kv, self.hidden), (self.intermediate, self.hidden), (self.hidden, self.intermediate)]
+        per_layer = [
+            (q, self.hidden),
+            (kv, self.hidden),
+            (kv, self.hidden),
+            (self.intermediate, self.hidden),
+            (self.hidden, self.intermediate),
+        ]
         return per_layer * self.layers
 
 
@@ -103,33 +109,47 @@ def multinode_row(shape: Shape, r: int, nodes: int, gpus: int, layout: str) -> d
     else:
         step_across = (2 * base_parameters(shape) * BF16_BYTES + gradients) * (world - gpus) // world
     return {
-        "model": shape.name, "r": r, "R": capacity, "modules": n, "cluster": f"{nodes} x {gpus}", "layout": layout,
-        "group": group, "sent": sent * 4, "within": (gpus - 1) * sent * 4, "across": (group - gpus) * sent * 4,
+        "model": shape.name,
+        "r": r,
+        "R": capacity,
+        "modules": n,
+        "cluster": f"{nodes} x {gpus}",
+        "layout": layout,
+        "group": group,
+        "sent": sent * 4,
+        "within": (gpus - 1) * sent * 4,
+        "across": (group - gpus) * sent * 4,
         "step_across": step_across,
     }
 
 
 def print_multinode() -> None:
     print("## Computed from shapes: multi-node layouts (per allocation step, per process)\n")
-    print("Plain FSDP2 shards over every GPU of every node; HSDP (accelerate_configs/hsdp_multinode.yaml) shards "
-          "within a node and replicates across nodes, so its lambda gather (group = the node's GPUs) never leaves "
-          "the node. Bytes received exclude the process's own part; both layouts add the 16-byte decision check "
-          "over all processes. The last column, for scale, is what each process receives from other nodes in one "
-          "optimizer step anyway: under FSDP2 the bf16 base weights it all-gathers in the forward and again in the "
-          "backward plus its part of the adapter gradients' reduce-scatter, under HSDP its ring all-reduce of "
-          "1/GPUs of the bf16 adapter gradients with the other nodes (from shapes; activations and the optimizer "
-          "never cross nodes).\n")
-    print("| model | r | R | modules | nodes x GPUs | layout | gather group | bytes sent | received within node | "
-          "received across nodes | check | one training step, received across nodes |")
+    print(
+        "Plain FSDP2 shards over every GPU of every node; HSDP (accelerate_configs/hsdp_multinode.yaml) shards "
+        "within a node and replicates across nodes, so its lambda gather (group = the node's GPUs) never leaves "
+        "the node. Bytes received exclude the process's own part; both layouts add the 16-byte decision check "
+        "over all processes. The last column, for scale, is what each process receives from other nodes in one "
+        "optimizer step anyway: under FSDP2 the bf16 base weights it all-gathers in the forward and again in the "
+        "backward plus its part of the adapter gradients' reduce-scatter, under HSDP its ring all-reduce of "
+        "1/GPUs of the bf16 adapter gradients with the other nodes (from shapes; activations and the optimizer "
+        "never cross nodes).\n"
+    )
+    print(
+        "| model | r | R | modules | nodes x GPUs | layout | gather group | bytes sent | received within node | "
+        "received across nodes | check | one training step, received across nodes |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in (LLAMA3_8B, LLAMA3_70B):
         for r in (8, 32):
             for nodes, gpus in CLUSTERS:
                 for layout in ("FSDP2", "HSDP"):
                     row = multinode_row(shape, r, nodes, gpus, layout)
-                    print(f"| {row['model']} | {row['r']} | {row['R']} | {row['modules']} | {row['cluster']} | "
-                          f"{row['layout']} | {row['group']} | {row['sent']:,} | {row['within']:,} | "
-                          f"{row['across']:,} | {DECISION_CHECK_BYTES} | {_size(row['step_across'])} |")
+                    print(
+                        f"| {row['model']} | {row['r']} | {row['R']} | {row['modules']} | {row['cluster']} | "
+                        f"{row['layout']} | {row['group']} | {row['sent']:,} | {row['within']:,} | "
+                        f"{row['across']:,} | {DECISION_CHECK_BYTES} | {_size(row['step_across'])} |"
+                    )
     print()
 
 
@@ -139,7 +159,9 @@ def _size(num_bytes: int) -> str:
 
 def print_computed() -> None:
     print("## Computed from shapes (fp32 lambda buffer, per allocation step, per process)\n")
-    print("| model | r | R | modules | processes | engine | collectives | bytes sent | bytes received | P+Q of all adapters (fp32), for scale |")
+    print(
+        "| model | r | R | modules | processes | engine | collectives | bytes sent | bytes received | P+Q of all adapters (fp32), for scale |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = [computed_row(SMOLLM2_135M, 8, 2, True), computed_row(SMOLLM2_135M, 8, 2, False)]
     for r in (8, 32):
@@ -164,12 +186,20 @@ def measure() -> None:
     s = SMOLLM2_135M
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim, tie_word_embeddings=True,
+        vocab_size=s.vocab,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        head_dim=s.head_dim,
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
     # Allocation at step 1 (t_warmup = 1), b0 = 4 matrices pruned and 4 expanded.
-    flex = flexlora.FlexLoRAConfig(target_modules=TARGETS, r=8, b0=4, t_warmup=1, delta_t=1, total_steps=10, schedule="constant")
+    flex = flexlora.FlexLoRAConfig(
+        target_modules=TARGETS, r=8, b0=4, t_warmup=1, delta_t=1, total_steps=10, schedule="constant"
+    )
     adapters = flexlora.inject(model, flex)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     tokens = torch.randint(0, s.vocab, (2 * accelerator.num_processes, 16), generator=torch.Generator().manual_seed(0))
@@ -185,27 +215,37 @@ def measure() -> None:
     elapsed = time.perf_counter() - start
     optimizer.zero_grad()
     if accelerator.is_main_process:
-        print(f"## Measured: {s.name}-shaped adapters, {len(adapters.layers)} modules, R = {flex.max_rank}, "
-              f"{accelerator.num_processes} processes, {accelerator.distributed_type.value} "
-              f"({accelerator.device.type}, {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'no process group'})\n")
+        print(
+            f"## Measured: {s.name}-shaped adapters, {len(adapters.layers)} modules, R = {flex.max_rank}, "
+            f"{accelerator.num_processes} processes, {accelerator.distributed_type.value} "
+            f"({accelerator.device.type}, {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'no process group'})\n"
+        )
         mesh = getattr(adapters.layers[adapters.names[0]].lora_lambda, "device_mesh", None)
         if mesh is not None:
             shape = dict(zip(mesh.mesh_dim_names, mesh.shape)) if mesh.mesh_dim_names else tuple(mesh.shape)
             print(f"- lambda's device mesh: {shape}")
-        print(f"- changes applied: {len(changes)} ({sum(c.action == 'prune' for c in changes)} prune, "
-              f"{sum(c.action == 'expand' for c in changes)} expand)")
-        print(f"- collectives during allocator.step: {len(recorder.calls)} (allocator.collectives_last_step = "
-              f"{allocator.collectives_last_step})")
+        print(
+            f"- changes applied: {len(changes)} ({sum(c.action == 'prune' for c in changes)} prune, "
+            f"{sum(c.action == 'expand' for c in changes)} expand)"
+        )
+        print(
+            f"- collectives during allocator.step: {len(recorder.calls)} (allocator.collectives_last_step = "
+            f"{allocator.collectives_last_step})"
+        )
         for name, sent, group in recorder.calls:
-            print(f"  - {name}: {sent:,} bytes sent by this process, over a group of {group} of "
-                  f"{accelerator.num_processes} processes")
+            print(
+                f"  - {name}: {sent:,} bytes sent by this process, over a group of {group} of "
+                f"{accelerator.num_processes} processes"
+            )
         print(f"- total sent by this process: {sum(call[1] for call in recorder.calls):,} bytes")
         print(f"- wall time of allocator.step: {elapsed * 1e3:.1f} ms (gather, decision, in-place edits)\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--measure", action="store_true", help="also measure one allocation step (launch with accelerate)")
+    parser.add_argument(
+        "--measure", action="store_true", help="also measure one allocation step (launch with accelerate)"
+    )
     args = parser.parse_args()
     if args.measure:
         measure()

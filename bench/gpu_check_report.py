@@ -23,8 +23,16 @@ LIBRARIES = ("torch", "transformers", "huggingface_hub", "peft", "accelerate", "
 REQUIRED = ("transformers", "peft", "accelerate")  # torch is imported above them
 PARTS = {"env": "", "overhead": "(a)", "packing": "(d)", "fsdp2": "(e)"}  # and cr8b-* (b), nf4* (c)
 # what logs.tar.gz keeps of each run: its small outputs (adapters, exports and checkpoints are tens of MiB at 8B)
-RUN_FILES = ("config.yaml", "metrics.json", "metrics.first.json", "train_log.jsonl", "train_log.first.jsonl",
-             "allocation.jsonl", "rank_pattern.json", "peft/adapter_config.json")
+RUN_FILES = (
+    "config.yaml",
+    "metrics.json",
+    "metrics.first.json",
+    "train_log.jsonl",
+    "train_log.first.jsonl",
+    "allocation.jsonl",
+    "rank_pattern.json",
+    "peft/adapter_config.json",
+)
 
 
 def _import_status(name: str) -> str:
@@ -40,9 +48,15 @@ def write_env(work: Path, device: str, site: Path | None) -> int:
     or a CUDA check finds no CUDA device."""
     import torch
 
-    env = {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "flexlora": library_revision(),
-           "libraries": {}}
+    env = {
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "flexlora": library_revision(),
+        "libraries": {},
+    }
     for name in LIBRARIES:
         version = _import_status(name)
         module = sys.modules.get(name)
@@ -54,8 +68,10 @@ def write_env(work: Path, device: str, site: Path | None) -> int:
     missing = [name for name in REQUIRED if env["libraries"][name].startswith("not usable")]
     if missing:  # every later step needs them
         (work / "env.json").write_text(json.dumps(env, indent=1) + "\n")
-        print(f"gpu_check: {', '.join(missing)} do not import: " + "; ".join(env["libraries"][m] for m in missing),
-              file=sys.stderr)
+        print(
+            f"gpu_check: {', '.join(missing)} do not import: " + "; ".join(env["libraries"][m] for m in missing),
+            file=sys.stderr,
+        )
         return 1
     if device == "cuda":
         if not torch.cuda.is_available():
@@ -121,16 +137,41 @@ def run_row(work: Path, name: str, lora_step_seconds: float | None) -> list:
         resume = f"step {start} -> {resumed['steps']}"
         difference = f"{max(abs(before[s] - after[s]) for s in common):.2e}" if common else "no steps logged"
     export = "present" if (run / "peft" / "adapter_config.json").is_file() else "missing"
-    return [name, first["steps"], f"{first['final_loss']:.4f}", changes, f"{first['tokens_per_second_this_run']:.0f}",
-            f"{step_s:.3f}", relative, first["peak_memory"]["mib"], resume, difference, export]
+    return [
+        name,
+        first["steps"],
+        f"{first['final_loss']:.4f}",
+        changes,
+        f"{first['tokens_per_second_this_run']:.0f}",
+        f"{step_s:.3f}",
+        relative,
+        first["peak_memory"]["mib"],
+        resume,
+        difference,
+        export,
+    ]
 
 
 def run_table(work: Path, prefix: str) -> str:
     lora = _read_json(work / "runs" / f"{prefix}-lora" / "metrics.first.json")
     lora_step = lora["median_step_seconds_this_run"] if lora else None
     rows = [run_row(work, f"{prefix}-{method}", lora_step) for method in ("flexlora", "lora")]
-    return markdown_table(["run", "steps", "final loss", "rank changes", "tokens/s", "median step s", "step vs LoRA",
-                           "peak MiB (torch)", "resume", "max abs loss diff after resume", "PEFT export"], rows)
+    return markdown_table(
+        [
+            "run",
+            "steps",
+            "final loss",
+            "rank changes",
+            "tokens/s",
+            "median step s",
+            "step vs LoRA",
+            "peak MiB (torch)",
+            "resume",
+            "max abs loss diff after resume",
+            "PEFT export",
+        ],
+        rows,
+    )
 
 
 def fsdp_rows(work: Path) -> list[list]:
@@ -143,13 +184,21 @@ def fsdp_rows(work: Path) -> list[list]:
     sharded_history = _read_jsonl(run / "allocation.jsonl")
     return [
         ["engine", f"{engine.group(2)}, {engine.group(1)} process(es)" if engine else "not found in the log"],
-        ["parameter tensors sharded (DTensor)",
-         f"{sharded.group(1)} of {sharded.group(2)}" if sharded else "not found in the log"],
+        [
+            "parameter tensors sharded (DTensor)",
+            f"{sharded.group(1)} of {sharded.group(2)}" if sharded else "not found in the log",
+        ],
         ["steps", metrics["steps"] if metrics else "-"],
         ["rank changes", metrics["rank_changes"] if metrics else "-"],
-        ["same rank moves as cr8b-flexlora", "-" if not (metrics and single) else
-         "yes" if [(r["step"], r["module"], r["action"]) for r in sharded_history]
-         == [(r["step"], r["module"], r["action"]) for r in single] else "no"],
+        [
+            "same rank moves as cr8b-flexlora",
+            "-"
+            if not (metrics and single)
+            else "yes"
+            if [(r["step"], r["module"], r["action"]) for r in sharded_history]
+            == [(r["step"], r["module"], r["action"]) for r in single]
+            else "no",
+        ],
         ["tokens/s", f"{metrics['tokens_per_second_this_run']:.0f}" if metrics else "-"],
         ["peak MiB (torch)", metrics["peak_memory"]["mib"] if metrics else "-"],
         ["PEFT export", "present" if (run / "peft" / "adapter_config.json").is_file() else "missing"],
@@ -159,8 +208,12 @@ def fsdp_rows(work: Path) -> list[list]:
 def pack_logs(work: Path, target: Path) -> None:
     """logs.tar.gz: every log, env.json, steps.tsv, the overhead report and each run's small outputs."""
     with tarfile.open(target, "w:gz") as tar:
-        for path in [*sorted((work / "logs").glob("*")), work / "env.json", work / "steps.tsv",
-                     *sorted((work / "overhead").glob("*.md"))]:
+        for path in [
+            *sorted((work / "logs").glob("*")),
+            work / "env.json",
+            work / "steps.tsv",
+            *sorted((work / "overhead").glob("*.md")),
+        ]:
             if path.is_file():
                 tar.add(path, arcname=str(path.relative_to(work)))
         for run in sorted((work / "runs").glob("*")):
@@ -174,30 +227,61 @@ def write_summary(work: Path, out: Path, seconds: int, budget: int, command: str
     env = _read_json(work / "env.json") or {}
     failed = [name for name, status, _, _ in steps if not (status == "ok" or status.startswith("skipped"))]
     libraries = env.get("libraries", {})
-    parts = ["# GPU check", "", markdown_table(["", ""], [
-        ["Command", f"`{command}`"], ["Date", time.strftime("%Y-%m-%d %H:%M %Z")],
-        ["Device", env.get("gpu", env.get("device", "?"))],
-        ["Python / torch / CUDA", f"{env.get('python')} / {env.get('torch')} / {env.get('cuda')}"],
-        ["Libraries", ", ".join(f"{name} {version}" for name, version in libraries.items())],
-        ["flash_attn / bitsandbytes", f"{env.get('flash_attn', '?')} / {env.get('bitsandbytes', '?')}"],
-        ["flexlora", env.get("flexlora", "?")],
-        ["Wall time", f"{seconds} s (budget {budget} s)"], ["Steps failed", ", ".join(failed) or "none"],
-    ]), "", "## Steps", "",
+    parts = [
+        "# GPU check",
+        "",
+        markdown_table(
+            ["", ""],
+            [
+                ["Command", f"`{command}`"],
+                ["Date", time.strftime("%Y-%m-%d %H:%M %Z")],
+                ["Device", env.get("gpu", env.get("device", "?"))],
+                ["Python / torch / CUDA", f"{env.get('python')} / {env.get('torch')} / {env.get('cuda')}"],
+                ["Libraries", ", ".join(f"{name} {version}" for name, version in libraries.items())],
+                ["flash_attn / bitsandbytes", f"{env.get('flash_attn', '?')} / {env.get('bitsandbytes', '?')}"],
+                ["flexlora", env.get("flexlora", "?")],
+                ["Wall time", f"{seconds} s (budget {budget} s)"],
+                ["Steps failed", ", ".join(failed) or "none"],
+            ],
+        ),
+        "",
+        "## Steps",
+        "",
         "Peak GPU MiB: the device's memory in use (nvidia-smi, every 250 ms), CUDA context and allocator cache "
         "included.",
-        "", markdown_table(["step", "part", "status", "seconds", "peak GPU MiB"],
-                           [[name, _part(name), status, secs, peak] for name, status, secs, peak in steps]), ""]
+        "",
+        markdown_table(
+            ["step", "part", "status", "seconds", "peak GPU MiB"],
+            [[name, _part(name), status, secs, peak] for name, status, secs, peak in steps],
+        ),
+        "",
+    ]
 
     overhead = next(iter(sorted((work / "overhead").glob("overhead*.md"))), None)
     if overhead is not None:
         text = overhead.read_text()
-        parts += ["## (a) Overhead at LLaMA3-8B's shapes", "", _section(text, "Setup"), "",
-                  _section(text, "1. Train step (normal steps)"), "", "Targets:", "", _section(text, "Targets"), ""]
+        parts += [
+            "## (a) Overhead at LLaMA3-8B's shapes",
+            "",
+            _section(text, "Setup"),
+            "",
+            _section(text, "1. Train step (normal steps)"),
+            "",
+            "Targets:",
+            "",
+            _section(text, "Targets"),
+            "",
+        ]
 
-    parts += ["## (b) LLaMA3-8B, full depth, random weights (model.init=random)", "",
-              "tokens/s: tokens trained on (padding excluded) per second of the uninterrupted run; median step s: its "
-              "median optimizer step; resume: the same command after the last checkpoint was removed.", "",
-              run_table(work, "cr8b"), ""]
+    parts += [
+        "## (b) LLaMA3-8B, full depth, random weights (model.init=random)",
+        "",
+        "tokens/s: tokens trained on (padding excluded) per second of the uninterrupted run; median step s: its "
+        "median optimizer step; resume: the same command after the last checkpoint was removed.",
+        "",
+        run_table(work, "cr8b"),
+        "",
+    ]
     if any(name.startswith("nf4-") for name, *_ in steps):
         parts += ["## (c) The same on a 4-bit (nf4) base", "", run_table(work, "nf4"), ""]
     else:
@@ -210,8 +294,13 @@ def write_summary(work: Path, out: Path, seconds: int, budget: int, command: str
 
     markdown = "\n".join(parts)
     (out / "summary.md").write_text(markdown)
-    (out / "summary.json").write_text(json.dumps({"seconds": seconds, "budget": budget, "command": command,
-                                                  "failed": failed, "steps": steps, "env": env}, indent=1) + "\n")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {"seconds": seconds, "budget": budget, "command": command, "failed": failed, "steps": steps, "env": env},
+            indent=1,
+        )
+        + "\n"
+    )
     pack_logs(work, out / "logs.tar.gz")
     print(markdown)
     return 1 if failed else 0

@@ -56,16 +56,46 @@ from bench.common import (
 
 PAPER_DELTA_T = (100, 200, 1000)  # the Delta_T values of the paper's Tables 8, 9 and 11
 PROFILES = {
-    "smoke": dict(model="tiny", batch=1, seq=16, rounds=2, warmup_rounds=1, memory_reps=1, memory_steps=2,
-                  micro_samples=2, micro_sample_ms=1.0, threads=1),
+    "smoke": dict(
+        model="tiny",
+        batch=1,
+        seq=16,
+        rounds=2,
+        warmup_rounds=1,
+        memory_reps=1,
+        memory_steps=2,
+        micro_samples=2,
+        micro_sample_ms=1.0,
+        threads=1,
+    ),
     # One intra-op thread: on a shared 2-core machine a descheduled second thread stalls every parallel region
     # at its barrier, which adds the neighbours' load to the timings instead of this process's own work.
-    "cpu": dict(model="smollm2", batch=2, seq=128, rounds=20, warmup_rounds=2, memory_reps=3, memory_steps=2,
-                micro_samples=15, micro_sample_ms=20.0, threads=1),
+    "cpu": dict(
+        model="smollm2",
+        batch=2,
+        seq=128,
+        rounds=20,
+        warmup_rounds=2,
+        memory_reps=3,
+        memory_steps=2,
+        micro_samples=15,
+        micro_sample_ms=20.0,
+        threads=1,
+    ),
     # ~9 s of CPU per train step: fewer rounds, and the four methods the issue compares (add the others with --methods)
-    "llama3-8b-slice": dict(model="llama3-8b-slice", batch=1, seq=128, rounds=8, warmup_rounds=1, memory_reps=2,
-                            memory_steps=2, micro_samples=9, micro_sample_ms=50.0, threads=1,
-                            methods=["flexlora", "lora_r8", "lora_r12", "adalora"]),
+    "llama3-8b-slice": dict(
+        model="llama3-8b-slice",
+        batch=1,
+        seq=128,
+        rounds=8,
+        warmup_rounds=1,
+        memory_reps=2,
+        memory_steps=2,
+        micro_samples=9,
+        micro_sample_ms=50.0,
+        threads=1,
+        methods=["flexlora", "lora_r8", "lora_r12", "adalora"],
+    ),
 }
 # (FlexLoRA / LoRA r=8 step, FlexLoRA / AdaLoRA step) bounds: issue #6 on SmolLM2, issue #13 at LLaMA3-8B's shapes
 STEP_BOUNDS = {"llama3-8b-slice": (1.02, 0.95)}
@@ -90,10 +120,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--micro-samples", type=int, help="samples per variant in the layer-level forward benchmark")
     parser.add_argument("--micro-sample-ms", type=float, help="each layer-level sample repeats the forward this long")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), help="what times are: process CPU time (default on CPU) or wall")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), help="what times are: process CPU time (default on CPU) or wall"
+    )
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--max-rank", type=int, default=12)
-    parser.add_argument("--delta-t", type=int, default=100, help="Delta_T of the schedule both FlexLoRA and AdaLoRA run")
+    parser.add_argument(
+        "--delta-t", type=int, default=100, help="Delta_T of the schedule both FlexLoRA and AdaLoRA run"
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all six (the 8B slice: four)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
@@ -120,7 +154,9 @@ def run_training(args, base, methods: list[str], schedule: Schedule) -> tuple[di
     frozen = {id(param): param for param in base.parameters()}
     for method in methods:
         torch.manual_seed(0)
-        attached = attach(method, copy.deepcopy(base, dict(frozen)), r=args.r, max_rank=args.max_rank, schedule=schedule)
+        attached = attach(
+            method, copy.deepcopy(base, dict(frozen)), r=args.r, max_rank=args.max_rank, schedule=schedule
+        )
         runs[method] = (attached, make_optimizer(attached))
     batch = random_batch(base.config.vocab_size, args.batch, args.seq, args.device)
     allocating = [m for m in methods if m in ("flexlora", "adalora")]
@@ -141,7 +177,9 @@ def run_training(args, base, methods: list[str], schedule: Schedule) -> tuple[di
             times = train_step(attached, optimizer, batch, schedule.alloc_step, args.device)
             if record:
                 samples[method]["alloc"].append({**times[args.clock], "wall_total": times["wall"]["total"]})
-        print(f"round {round_index + 1}/{args.warmup_rounds + args.rounds} done, load {load_averages()}", file=sys.stderr)
+        print(
+            f"round {round_index + 1}/{args.warmup_rounds + args.rounds} done, load {load_averages()}", file=sys.stderr
+        )
     return samples, runs
 
 
@@ -178,8 +216,9 @@ class _HollowLinear(torch.nn.Linear):
 def _layer_variant(variant: str, d_in: int, d_out: int, args, dtype) -> torch.nn.Module:
     """One adapter on a hollow Linear of the given shape, built with each library's public injection API, in
     training mode (FlexLoRA's orthogonality penalty runs in its training forward)."""
-    from flexlora import FlexLoRAConfig, inject
     from peft import AdaLoraConfig, LoraConfig, inject_adapter_in_model
+
+    from flexlora import FlexLoRAConfig, inject
 
     torch.manual_seed(0)
     holder = torch.nn.Module()
@@ -190,10 +229,17 @@ def _layer_variant(variant: str, d_in: int, d_out: int, args, dtype) -> torch.nn
         with torch.no_grad():  # lambda starts at 0; give it values so no path can shortcut a zero
             holder.proj.lora_lambda.normal_()
     elif variant in ("lora_r8", "lora_r12"):
-        inject_adapter_in_model(LoraConfig(r=args.r if variant == "lora_r8" else args.max_rank, lora_alpha=16, target_modules=["proj"]), holder)
+        inject_adapter_in_model(
+            LoraConfig(r=args.r if variant == "lora_r8" else args.max_rank, lora_alpha=16, target_modules=["proj"]),
+            holder,
+        )
     else:
-        inject_adapter_in_model(AdaLoraConfig(init_r=args.max_rank, target_r=args.r, lora_alpha=16, target_modules=["proj"],
-                                              total_step=1000), holder)
+        inject_adapter_in_model(
+            AdaLoraConfig(
+                init_r=args.max_rank, target_r=args.r, lora_alpha=16, target_modules=["proj"], total_step=1000
+            ),
+            holder,
+        )
     return holder.proj.to(args.device).train()
 
 
@@ -244,8 +290,20 @@ def run_memory(args, methods: list[str]) -> dict[str, list[dict]]:
     with fresh_process_pool() as pool:
         for _ in range(args.memory_reps):
             for method in methods:
-                job = dict(model=args.model, layers=args.layers, device=args.device, dtype=args.dtype, method=method, r=args.r, max_rank=args.max_rank,
-                           delta_t=args.delta_t, batch=args.batch, seq=args.seq, steps=args.memory_steps, threads=args.threads)
+                job = dict(
+                    model=args.model,
+                    layers=args.layers,
+                    device=args.device,
+                    dtype=args.dtype,
+                    method=method,
+                    r=args.r,
+                    max_rank=args.max_rank,
+                    delta_t=args.delta_t,
+                    batch=args.batch,
+                    seq=args.seq,
+                    steps=args.memory_steps,
+                    threads=args.threads,
+                )
                 results[method].append(pool.apply(peak_memory, (job,)))
     return results
 
@@ -254,12 +312,21 @@ def state_bytes(attached, optimizer) -> dict[str, int]:
     """Bytes of what training keeps for the adapter, read off the live tensors after the timed steps."""
     trainable = [p for p in attached.model.parameters() if p.requires_grad]
     params = sum(p.numel() * p.element_size() for p in trainable)
-    optim = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    optim = sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
     extra = sum(t.numel() * t.element_size() for t in attached.extra_state())
-    buffers = sum(b.numel() * b.element_size() for n, b in attached.model.named_buffers() if "rank_mask" in n or "ranknum" in n)
+    buffers = sum(
+        b.numel() * b.element_size() for n, b in attached.model.named_buffers() if "rank_mask" in n or "ranknum" in n
+    )
     # gradients are the size of the trainable parameters (they are freed by zero_grad, so not read off)
-    return {"params": params, "grads": params, "optimizer": optim, "method": extra + buffers,
-            "total": 2 * params + optim + extra + buffers}
+    return {
+        "params": params,
+        "grads": params,
+        "optimizer": optim,
+        "method": extra + buffers,
+        "total": 2 * params + optim + extra + buffers,
+    }
 
 
 def main(argv=None) -> None:
@@ -281,7 +348,9 @@ def main(argv=None) -> None:
     layer = run_layer_train(args, base, dtype)
 
     wall_s = time.perf_counter() - started
-    text = report(args, base, schedule, samples, runs, forward, layer, memory, wall_s, (loads_start, load_averages()), command)
+    text = report(
+        args, base, schedule, samples, runs, forward, layer, memory, wall_s, (loads_start, load_averages()), command
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / args.report_name).write_text(text)
     print(text)

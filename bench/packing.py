@@ -56,9 +56,13 @@ PROFILES = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     profile = parser.add_mutually_exclusive_group()
-    profile.add_argument("--smoke", action="store_true", help="tiny random Llama on generated rows, seconds (for tests)")
+    profile.add_argument(
+        "--smoke", action="store_true", help="tiny random Llama on generated rows, seconds (for tests)"
+    )
     profile.add_argument("--cpu", action="store_true", help="the CPU measurement (default)")
-    parser.add_argument("--model", choices=("tiny", "smollm2"), help="tiny (random; a tokenizer trained on the rows) or smollm2 (fp32)")
+    parser.add_argument(
+        "--model", choices=("tiny", "smollm2"), help="tiny (random; a tokenizer trained on the rows) or smollm2 (fp32)"
+    )
     parser.add_argument("--steps", type=int, help="timed micro-batches per setting, each stepped padded and packed")
     parser.add_argument("--warmup", type=int, help="untimed padded + packed steps before each setting's timed ones")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
@@ -85,7 +89,9 @@ def trained_tokenizer(data_path: str):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator((training_prompt(row) for row in load_rows(data_path)[0]), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos)
 
@@ -137,7 +143,9 @@ def build_setting(name: str, config, tokenizer, data_path: str) -> Setting:
     data = config.data
     rows, _ = load_rows(data_path, data.split)
     rows = select_rows(rows, data.max_samples, data.seed)
-    examples = tokenize_rows(rows, tokenizer, data.cutoff_len, data.train_on_inputs, data.add_eos_token, source=data_path)
+    examples = tokenize_rows(
+        rows, tokenizer, data.cutoff_len, data.train_on_inputs, data.add_eos_token, source=data_path
+    )
     order = list(EpochPermutation(len(examples), config.train.seed))
     size = config.train.micro_batch_size
     batches = [[examples[i] for i in order[start : start + size]] for start in range(0, len(order), size)]
@@ -160,8 +168,14 @@ def padding_summary(setting: Setting, padded_collator) -> dict:
         padded += mask.numel()
     lengths = [len(row["input_ids"]) for batch in setting.micro_batches for row in batch]
     fraction = (padded - real) / padded
-    return {"real_tokens": real, "padded_tokens": padded, "padding_fraction": fraction, "ceiling": 1 / (1 - fraction),
-            "mean_length": statistics.mean(lengths), "max_length": max(lengths)}
+    return {
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "padding_fraction": fraction,
+        "ceiling": 1 / (1 - fraction),
+        "mean_length": statistics.mean(lengths),
+        "max_length": max(lengths),
+    }
 
 
 def padding_by_micro_batch(setting: Setting) -> dict[int, float]:
@@ -169,7 +183,9 @@ def padding_by_micro_batch(setting: Setting) -> dict[int, float]:
     lengths = [len(row["input_ids"]) for batch in setting.micro_batches for row in batch]
     fractions = {}
     for size in MICRO_BATCH_SIZES:
-        padded = sum(padded_width(lengths[i : i + size]) * len(lengths[i : i + size]) for i in range(0, len(lengths), size))
+        padded = sum(
+            padded_width(lengths[i : i + size]) * len(lengths[i : i + size]) for i in range(0, len(lengths), size)
+        )
         fractions[size] = 1 - sum(lengths) / padded
     return fractions
 
@@ -205,11 +221,16 @@ def run_timing(model, collators: dict, setting: Setting, steps: int, warmup: int
         sample = {"real_tokens": sum(len(row["input_ids"]) for row in batch)}
         for name in names:
             times, loss, tokens = timed_step(model, collators[name], batch)
-            sample.update({f"{name}_{clock}_s": seconds for clock, seconds in times.items()},
-                          **{f"{name}_loss": loss, f"{name}_tokens": tokens})
+            sample.update(
+                {f"{name}_{clock}_s": seconds for clock, seconds in times.items()},
+                **{f"{name}_loss": loss, f"{name}_tokens": tokens},
+            )
         samples.append(sample)
-        print(f"{setting.name}: step {index + 1}/{min(steps, len(setting.micro_batches))}, "
-              f"packed/padded {sample['padded_cpu_s'] / sample['packed_cpu_s']:.3f}, load {load_averages()}", file=sys.stderr)
+        print(
+            f"{setting.name}: step {index + 1}/{min(steps, len(setting.micro_batches))}, "
+            f"packed/padded {sample['padded_cpu_s'] / sample['packed_cpu_s']:.3f}, load {load_averages()}",
+            file=sys.stderr,
+        )
     return samples
 
 
@@ -221,8 +242,14 @@ def ratio_by_padding(samples: list[dict]) -> list[dict]:
     rows = []
     for half in (h for h in halves if h):
         padding = [1 - s["real_tokens"] / s["padded_tokens"] for s in half]
-        rows.append({"micro_batches": len(half), "padding_min": min(padding), "padding_max": max(padding),
-                     "ratio_median": statistics.median(s["padded_cpu_s"] / s["packed_cpu_s"] for s in half)})
+        rows.append(
+            {
+                "micro_batches": len(half),
+                "padding_min": min(padding),
+                "padding_max": max(padding),
+                "ratio_median": statistics.median(s["padded_cpu_s"] / s["packed_cpu_s"] for s in half),
+            }
+        )
     return rows
 
 
@@ -235,7 +262,9 @@ def timing_summary(samples: list[dict]) -> dict:
         summary[clock] = {
             "padded_tokens_per_s": tokens / sum(s[f"padded_{clock}_s"] for s in samples),
             "packed_tokens_per_s": tokens / sum(s[f"packed_{clock}_s"] for s in samples),
-            "ratio_median": statistics.median(ratios), "ratio_q25": quartiles[0], "ratio_q75": quartiles[2],
+            "ratio_median": statistics.median(ratios),
+            "ratio_q25": quartiles[0],
+            "ratio_q75": quartiles[2],
         }
     return summary
 
@@ -245,9 +274,11 @@ def verdict(name: str, summary: dict) -> str:
     cpu = summary["cpu"]
     real = cpu["ratio_q25"] > 1
     target = "meets" if cpu["ratio_median"] >= TARGET_RATIO else "misses"
-    return (f"- **{name}**: packed / padded tokens/s {cpu['ratio_median']:.3f}x (25-75 %: {cpu['ratio_q25']:.3f}-"
-            f"{cpu['ratio_q75']:.3f}x); the gain is {'real (the whole 25-75 % range lies above 1)' if real else 'not established (the 25-75 % range reaches 1 or below)'}; "
-            f"it {target} the {TARGET_RATIO}x target.")
+    return (
+        f"- **{name}**: packed / padded tokens/s {cpu['ratio_median']:.3f}x (25-75 %: {cpu['ratio_q25']:.3f}-"
+        f"{cpu['ratio_q75']:.3f}x); the gain is {'real (the whole 25-75 % range lies above 1)' if real else 'not established (the 25-75 % range reaches 1 or below)'}; "
+        f"it {target} the {TARGET_RATIO}x target."
+    )
 
 
 def report(args, command: str, model_label: str, results: dict, wall_s: float, loads: tuple[str, str]) -> str:
@@ -268,29 +299,71 @@ def report(args, command: str, model_label: str, results: dict, wall_s: float, l
         "## Padding (every micro-batch of epoch 0)",
         "",
         markdown_table(
-            ["setting", "config", "rows", "micro-batch", "cutoff_len", "mean / max row tokens", "real tokens",
-             "padded tokens", "padding fraction", "ceiling 1/(1-f)"],
-            [[name, f"`{r['config']}`", r["rows"], r["micro_batch_size"], r["cutoff_len"],
-              f"{r['padding']['mean_length']:.1f} / {r['padding']['max_length']}", r["padding"]["real_tokens"],
-              r["padding"]["padded_tokens"], f"{100 * r['padding']['padding_fraction']:.1f} %",
-              f"{r['padding']['ceiling']:.3f}x"] for name, r in results.items()],
+            [
+                "setting",
+                "config",
+                "rows",
+                "micro-batch",
+                "cutoff_len",
+                "mean / max row tokens",
+                "real tokens",
+                "padded tokens",
+                "padding fraction",
+                "ceiling 1/(1-f)",
+            ],
+            [
+                [
+                    name,
+                    f"`{r['config']}`",
+                    r["rows"],
+                    r["micro_batch_size"],
+                    r["cutoff_len"],
+                    f"{r['padding']['mean_length']:.1f} / {r['padding']['max_length']}",
+                    r["padding"]["real_tokens"],
+                    r["padding"]["padded_tokens"],
+                    f"{100 * r['padding']['padding_fraction']:.1f} %",
+                    f"{r['padding']['ceiling']:.3f}x",
+                ]
+                for name, r in results.items()
+            ],
         ),
         "",
         "The ceiling is what removing the padding gives at most if a step costs in proportion to its tokens. The same "
         "rows in the same order, in micro-batches of other sizes (padding fraction):",
         "",
-        markdown_table(["setting", *(f"micro-batch {size}" for size in MICRO_BATCH_SIZES)],
-                       [[name, *(f"{100 * r['padding_by_micro_batch'][size]:.1f} %" for size in MICRO_BATCH_SIZES)]
-                        for name, r in results.items()]),
+        markdown_table(
+            ["setting", *(f"micro-batch {size}" for size in MICRO_BATCH_SIZES)],
+            [
+                [name, *(f"{100 * r['padding_by_micro_batch'][size]:.1f} %" for size in MICRO_BATCH_SIZES)]
+                for name, r in results.items()
+            ],
+        ),
         "",
         "## Tokens per second (training step)",
         "",
         markdown_table(
-            ["setting", "timed micro-batches", "clock", "padded tokens/s", "packed tokens/s", "ratio median",
-             "ratio 25-75 %"],
-            [[name, len(r["samples"]), clock, f"{s['padded_tokens_per_s']:.1f}", f"{s['packed_tokens_per_s']:.1f}",
-              f"{s['ratio_median']:.3f}x", f"{s['ratio_q25']:.3f}-{s['ratio_q75']:.3f}x"]
-             for name, r in results.items() for clock, s in sorted(r["timing"].items())],  # cpu first
+            [
+                "setting",
+                "timed micro-batches",
+                "clock",
+                "padded tokens/s",
+                "packed tokens/s",
+                "ratio median",
+                "ratio 25-75 %",
+            ],
+            [
+                [
+                    name,
+                    len(r["samples"]),
+                    clock,
+                    f"{s['padded_tokens_per_s']:.1f}",
+                    f"{s['packed_tokens_per_s']:.1f}",
+                    f"{s['ratio_median']:.3f}x",
+                    f"{s['ratio_q25']:.3f}-{s['ratio_q75']:.3f}x",
+                ]
+                for name, r in results.items()
+                for clock, s in sorted(r["timing"].items())
+            ],  # cpu first
         ),
         "",
         "Ratio (cpu) by the padding of the timed micro-batch itself, split at the median: packing saves the padded "
@@ -298,15 +371,34 @@ def report(args, command: str, model_label: str, results: dict, wall_s: float, l
         "attention work of the padded batch), so its gain should follow the padding of each micro-batch; the split "
         "shows whether it does:",
         "",
-        markdown_table(["setting", "timed micro-batches", "their padding", "ratio median"],
-                       [[name, half["micro_batches"], f"{100 * half['padding_min']:.1f}-{100 * half['padding_max']:.1f} %",
-                         f"{half['ratio_median']:.3f}x"] for name, r in results.items() for half in r["ratio_by_padding"]]),
+        markdown_table(
+            ["setting", "timed micro-batches", "their padding", "ratio median"],
+            [
+                [
+                    name,
+                    half["micro_batches"],
+                    f"{100 * half['padding_min']:.1f}-{100 * half['padding_max']:.1f} %",
+                    f"{half['ratio_median']:.3f}x",
+                ]
+                for name, r in results.items()
+                for half in r["ratio_by_padding"]
+            ],
+        ),
         "",
         "Same loss either way (first micro-batch, eval mode, no dropout):",
         "",
-        markdown_table(["setting", "padded loss", "packed loss", "absolute difference"],
-                       [[name, f"{r['agreement']['padded']:.6f}", f"{r['agreement']['packed']:.6f}",
-                         f"{r['agreement']['abs_difference']:.2e}"] for name, r in results.items()]),
+        markdown_table(
+            ["setting", "padded loss", "packed loss", "absolute difference"],
+            [
+                [
+                    name,
+                    f"{r['agreement']['padded']:.6f}",
+                    f"{r['agreement']['packed']:.6f}",
+                    f"{r['agreement']['abs_difference']:.2e}",
+                ]
+                for name, r in results.items()
+            ],
+        ),
         "",
         "## Verdict",
         "",
@@ -333,44 +425,65 @@ def main(argv=None) -> None:
     quickstart = configs["quickstart"]
     with tempfile.TemporaryDirectory() as generated:
         if args.smoke:  # seconds, and no dependence on ../shared: the recipe's generated data set for both settings
-            data_paths = dict.fromkeys(configs, str(write_synthetic_dataset(Path(generated), 20, 1, quickstart.data.seed)))
+            data_paths = dict.fromkeys(
+                configs, str(write_synthetic_dataset(Path(generated), 20, 1, quickstart.data.seed))
+            )
         else:
             data_paths = {name: config.data.path for name, config in configs.items()}
             for name, path in data_paths.items():
                 if not Path(path).exists():
-                    raise FileNotFoundError(f"{SETTINGS[name]}: data.path {path} does not exist; this benchmark measures "
-                                            "the real rows (run it from the repository root with ../shared present)")
+                    raise FileNotFoundError(
+                        f"{SETTINGS[name]}: data.path {path} does not exist; this benchmark measures "
+                        "the real rows (run it from the repository root with ../shared present)"
+                    )
         model, tokenizer = load_model_and_tokenizer(args.model, data_paths["quickstart"])
         settings = {name: build_setting(name, config, tokenizer, data_paths[name]) for name, config in configs.items()}
 
     # the quickstart's method and adapter section, as the recipe attaches them
     method = build_method(quickstart.method, model, quickstart.adapter, quickstart.train.max_steps)
     model = method.model.train()
-    padded_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt")
+    padded_collator = DataCollatorForSeq2Seq(
+        tokenizer, padding=True, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt"
+    )
     collators = {"padded": padded_collator, "packed": PackedCollator(model.config._attn_implementation)}
-    model_label = ("tiny random Llama (2 layers, hidden 32), BPE tokenizer trained on the generated rows" if args.model == "tiny" else
-                   "SmolLM2-135M-Instruct, fp32, sdpa")
+    model_label = (
+        "tiny random Llama (2 layers, hidden 32), BPE tokenizer trained on the generated rows"
+        if args.model == "tiny"
+        else "SmolLM2-135M-Instruct, fp32, sdpa"
+    )
     model_label += f", {quickstart.method} r={quickstart.adapter.r} on {', '.join(quickstart.adapter.target_modules)}"
 
     results = {}
     for name, setting in settings.items():
         samples = run_timing(model, collators, setting, args.steps, args.warmup)
         results[name] = {
-            "config": setting.config_path, "data_path": setting.data_path, "rows": setting.rows,
-            "micro_batch_size": setting.micro_batch_size, "cutoff_len": setting.cutoff_len,
-            "train_on_inputs": setting.train_on_inputs, "micro_batches": len(setting.micro_batches),
+            "config": setting.config_path,
+            "data_path": setting.data_path,
+            "rows": setting.rows,
+            "micro_batch_size": setting.micro_batch_size,
+            "cutoff_len": setting.cutoff_len,
+            "train_on_inputs": setting.train_on_inputs,
+            "micro_batches": len(setting.micro_batches),
             "padding": padding_summary(setting, padded_collator),
             "padding_by_micro_batch": padding_by_micro_batch(setting),
             "agreement": layout_agreement(model, collators, setting.micro_batches[0]),
-            "timing": timing_summary(samples), "ratio_by_padding": ratio_by_padding(samples), "samples": samples,
+            "timing": timing_summary(samples),
+            "ratio_by_padding": ratio_by_padding(samples),
+            "samples": samples,
         }
 
     wall_s = time.perf_counter() - started
     text = report(args, command, model_label, results, wall_s, (loads_start, load_averages()))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "packing.md").write_text(text)
-    record = {"command": command, "model": model_label, "threads": args.threads, "wall_s": wall_s,
-              "target_ratio": TARGET_RATIO, "settings": results}
+    record = {
+        "command": command,
+        "model": model_label,
+        "threads": args.threads,
+        "wall_s": wall_s,
+        "target_ratio": TARGET_RATIO,
+        "settings": results,
+    }
     (args.out / "packing.json").write_text(json.dumps(record, indent=1) + "\n")
     print(text)
 

@@ -23,8 +23,13 @@ import flexlora
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # Published LLaMA3-8B architecture, so its counts need neither weights nor hub access.
 LLAMA3_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
 )
 
 
@@ -60,7 +65,9 @@ def main() -> None:
     args = parser.parse_args()
     base = load(args.model, args.meta)
     name = args.model or "SmolLM2-135M-Instruct"
-    print("| model | r | LoRA r (PEFT) | AdaLoRA init_r=ceil(1.5r) (PEFT) | FlexLoRA capacity max_rank=ceil(1.5r) | FlexLoRA active at start |")
+    print(
+        "| model | r | LoRA r (PEFT) | AdaLoRA init_r=ceil(1.5r) (PEFT) | FlexLoRA capacity max_rank=ceil(1.5r) | FlexLoRA active at start |"
+    )
     print("|---|---|---|---|---|---|")
     for r in args.r:
         capacity = math.ceil(1.5 * r)

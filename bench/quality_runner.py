@@ -15,7 +15,19 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.quality import CR_TASKS, GLUE_METRICS, RECIPES, ROOT, Profile, Run, estimate_seconds, is_done, load_results, plan, sweep_runs
+from bench.quality import (
+    CR_TASKS,
+    GLUE_METRICS,
+    RECIPES,
+    ROOT,
+    Profile,
+    Run,
+    estimate_seconds,
+    is_done,
+    load_results,
+    plan,
+    sweep_runs,
+)
 from flexlora.recipe_kit.records import read_jsonl, short_module_name
 
 
@@ -36,8 +48,12 @@ def allocation_statistics(out: Path) -> dict:
     by_kind: dict[str, list[int]] = {}
     for module, rank in json.loads((out / "rank_pattern.json").read_text()).items():
         by_kind.setdefault(short_module_name(module).split(".", 1)[-1], []).append(rank)
-    return {"rank_moves": len(history), "expansions": len(expansions), "expansions_pruned_next": repruned,
-            "final_rank_by_kind": {kind: statistics.fmean(ranks) for kind, ranks in by_kind.items()}}
+    return {
+        "rank_moves": len(history),
+        "expansions": len(expansions),
+        "expansions_pruned_next": repruned,
+        "final_rank_by_kind": {kind: statistics.fmean(ranks) for kind, ranks in by_kind.items()},
+    }
 
 
 def update_statistics(out: Path, task: str) -> dict:
@@ -76,7 +92,12 @@ def add_update_statistics(runs: list[Run], runs_dir: Path, work_dir: Path, resul
     for run in runs:
         stored = results.get(run.id)
         out = work_dir / run.id
-        if run.kind != "glue" or not is_done(run, results) or "update_relative_norm" in stored or not (out / "peft").is_dir():
+        if (
+            run.kind != "glue"
+            or not is_done(run, results)
+            or "update_relative_norm" in stored
+            or not (out / "peft").is_dir()
+        ):
             continue
         stored.update(update_statistics(out, run.task))
         (runs_dir / f"{run.id}.json").write_text(json.dumps(stored, indent=1) + "\n")
@@ -87,12 +108,18 @@ def add_update_statistics(runs: list[Run], runs_dir: Path, work_dir: Path, resul
 def summarise(run: Run, out: Path) -> dict:
     """What the tables need, from the recipe's outputs (fractions, as the recipe writes them)."""
     metrics = json.loads((out / "metrics.json").read_text())
-    summary = {"adapter_parameters": metrics["adapter_parameters"], "total_active_rank": metrics["total_active_rank"],
-               "train_seconds": metrics["train_seconds_this_run"], **allocation_statistics(out)}
+    summary = {
+        "adapter_parameters": metrics["adapter_parameters"],
+        "total_active_rank": metrics["total_active_rank"],
+        "train_seconds": metrics["train_seconds_this_run"],
+        **allocation_statistics(out),
+    }
     if run.kind == "glue":
         split = metrics["main_metric"].split("/")[0]
         names = GLUE_METRICS[run.task][1] + ["majority_share"]
-        summary["scores"] = {name: metrics["final"][f"{split}/{name}"] for name in names if f"{split}/{name}" in metrics["final"]}
+        summary["scores"] = {
+            name: metrics["final"][f"{split}/{name}"] for name in names if f"{split}/{name}" in metrics["final"]
+        }
         best = metrics.get("best") or {}  # the evaluation with the best main metric, and its step
         summary["best_scores"] = {name: best[f"{split}/{name}"] for name in names if f"{split}/{name}" in best}
         summary["best_step"] = best.get("step")
@@ -110,7 +137,9 @@ def summarise(run: Run, out: Path) -> dict:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "no git"
 
@@ -154,15 +183,25 @@ def execute(run: Run, out: Path, threads: int, locations: list[str]) -> dict:
             result = {"status": "diverged", "error": str(error)[:500]}
         except BaseException as error:  # noqa: BLE001 - the sweep records the failure and goes on
             traceback.print_exc()
-            result = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:500], "log": str(out / "run.log")}
+            result = {
+                "status": "failed",
+                "error": f"{type(error).__name__}: {error}"[:500],
+                "log": str(out / "run.log"),
+            }
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
-    return {"id": run.id, "args": list(run.args), **result, "seconds": round(time.time() - started, 1),
-            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    return {
+        "id": run.id,
+        "args": list(run.args),
+        **result,
+        "seconds": round(time.time() - started, 1),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": _commit(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
 
 
 def start_order(profile: Profile, tables: dict) -> dict[str, int]:
@@ -185,8 +224,17 @@ def start_order(profile: Profile, tables: dict) -> dict[str, int]:
     return order
 
 
-def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads: int, only: set[str] = frozenset(),
-            locations: list[str] = (), stop_after_s: float | None = None, on_gpu: bool = False) -> dict[str, dict]:
+def run_all(
+    profile: Profile,
+    runs_dir: Path,
+    work_dir: Path,
+    jobs: int,
+    threads: int,
+    only: set[str] = frozenset(),
+    locations: list[str] = (),
+    stop_after_s: float | None = None,
+    on_gpu: bool = False,
+) -> dict[str, dict]:
     """Run every pending run (or those of ``only``), ``jobs`` at a time, planning again after each one (an lr sweep
     that finishes releases the runs that use its choice); each finished run's result file is written at once.
     After ``stop_after_s`` no run starts (those in flight finish)."""
@@ -206,13 +254,21 @@ def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads
         while True:
             runs, tables, _ = plan(profile, results)
             busy = {run.id for run in in_flight.values()}
-            pending = [run for run in runs if not is_done(run, results) and run.id not in busy and run.id not in failed
-                       and (not only or run.id in only)]
+            pending = [
+                run
+                for run in runs
+                if not is_done(run, results)
+                and run.id not in busy
+                and run.id not in failed
+                and (not only or run.id in only)
+            ]
             order = start_order(profile, tables)
             pending.sort(key=lambda run: (order.get(run.id, len(order)), -estimate_seconds(profile, run, on_gpu)))
             if stop_after_s is not None and time.time() - started > stop_after_s:
                 pending = []  # out of time: let the runs in flight finish
-            bar.total = len([run for run in runs if is_done(run, results) or run.id in failed]) + len(busy) + len(pending)
+            bar.total = (
+                len([run for run in runs if is_done(run, results) or run.id in failed]) + len(busy) + len(pending)
+            )
             bar.refresh()
             while pending and len(in_flight) < jobs:
                 run = pending.pop(0)
@@ -231,10 +287,10 @@ def run_all(profile: Profile, runs_dir: Path, work_dir: Path, jobs: int, threads
                     failed.add(run.id)
                     results[run.id] = result
                 bar.update()
-                bar.write(f"{run.id}: {result['status']} in {result['seconds']:.0f} s"
-                          + (f" -- {result['error']}" if result["status"] != "ok" else "")
-                          + (f" (log: {result['log']})" if result["status"] == "failed" else ""))
+                bar.write(
+                    f"{run.id}: {result['status']} in {result['seconds']:.0f} s"
+                    + (f" -- {result['error']}" if result["status"] != "ok" else "")
+                    + (f" (log: {result['log']})" if result["status"] == "failed" else "")
+                )
     bar.close()
     return results
-
-

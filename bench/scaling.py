@@ -34,10 +34,22 @@ PROFILES = {
     "cpu": dict(matrices=[10, 30, 100, 160, 400, 1000, 3000, 10000], capacities=[12, 48, 192], reps=15, threads=1),
 }
 LLAMA3 = {  # published shapes of the two models the paper's commonsense experiments use
-    "LLaMA3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256),
-    "LLaMA3-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=128256),
+    "LLaMA3-8B": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "LLaMA3-70B": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
 }
 WORLDS = (8, 64)  # one 8-GPU node, and eight of them
 SYNTHETIC_D = 8  # smallest matrix side; a matrix is never smaller than its capacity R (inject refuses that)
@@ -53,8 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--capacities", type=int, nargs="+", help="capacities R = max_rank")
     parser.add_argument("--reps", type=int, help="timed allocation steps per (N, R)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="process CPU time (default: the machine is shared) or wall time")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="process CPU time (default: the machine is shared) or wall time",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     for key, value in PROFILES["smoke" if args.smoke else "cpu"].items():
@@ -72,8 +88,14 @@ def synthetic_allocator(n: int, capacity: int, schedule: Schedule):
     side = max(SYNTHETIC_D, capacity)
     holder = torch.nn.ModuleDict({f"m{i}": torch.nn.Linear(side, side, bias=False) for i in range(n)})
     config = FlexLoRAConfig(
-        target_modules=r"m\d+", r=capacity * 2 // 3, max_rank=capacity, b0=schedule.b0, delta_t=schedule.delta_t,
-        t_warmup=schedule.t_warmup, t_final=schedule.t_final, total_steps=schedule.total_steps,
+        target_modules=r"m\d+",
+        r=capacity * 2 // 3,
+        max_rank=capacity,
+        b0=schedule.b0,
+        delta_t=schedule.delta_t,
+        t_warmup=schedule.t_warmup,
+        t_final=schedule.t_final,
+        total_steps=schedule.total_steps,
     )
     adapters = inject(holder, config)
     params = [p for p in holder.parameters() if p.requires_grad]
@@ -99,7 +121,9 @@ def time_allocation(n: int, capacity: int, reps: int, clock) -> dict[str, list[f
         changes = allocator.step(schedule.alloc_step, optimizer)
         sample["step"] = clock() - start
         if len(changes) != 2 * b0:
-            raise RuntimeError(f"expected {b0} prunes and {b0} expands at N={n}, R={capacity}; got {len(changes)} changes")
+            raise RuntimeError(
+                f"expected {b0} prunes and {b0} expands at N={n}, R={capacity}; got {len(changes)} changes"
+            )
         if rep > 0:
             for key, value in sample.items():
                 times[key].append(value)
@@ -122,17 +146,31 @@ def communication_rows() -> list[list]:
             config = FlexLoRAConfig(target_modules=TARGETS, r=r)
             adapters = inject(model, config)
             n = len(adapters.layers)
-            adapter_params = sum(p.numel() for layer in adapters.layers.values() for p in layer.parameters() if p.requires_grad)
+            adapter_params = sum(
+                p.numel() for layer in adapters.layers.values() for p in layer.parameters() if p.requires_grad
+            )
             adapter_bytes = adapter_params * torch.finfo(getattr(torch, config.adapter_dtype)).bits // 8
             model_bytes = base_params * 2  # bf16 weights
             for world in WORLDS:
                 _, received = lambda_gather_payload(n, config.max_rank, world)
                 alloc_bytes = received * 4 + AGREEMENT_BYTES
-                rows.append([
-                    name, r, config.max_rank, n, world, n * config.max_rank * 4, received * 4, alloc_bytes, adapter_bytes, model_bytes,
-                    f"{alloc_bytes / adapter_bytes:.2e}", f"{alloc_bytes / model_bytes:.2e}",
-                    n * config.max_rank * 8,
-                ])
+                rows.append(
+                    [
+                        name,
+                        r,
+                        config.max_rank,
+                        n,
+                        world,
+                        n * config.max_rank * 4,
+                        received * 4,
+                        alloc_bytes,
+                        adapter_bytes,
+                        model_bytes,
+                        f"{alloc_bytes / adapter_bytes:.2e}",
+                        f"{alloc_bytes / model_bytes:.2e}",
+                        n * config.max_rank * 8,
+                    ]
+                )
     return rows
 
 
@@ -181,33 +219,46 @@ def report(args, measured, comm, wall_s, loads, command) -> str:
     ms = 1e3
     out = ["# FlexLoRA allocator scaling", "", provenance(command, "cpu", wall_s, loads), ""]
     out += [
-        "## A. Allocation cost vs number of matrices N and capacity R (measured)", "",
+        "## A. Allocation cost vs number of matrices N and capacity R (measured)",
+        "",
         f"Synthetic FlexLoRA layers of d x d, d = max({SYNTHETIC_D}, R), with random lambda, r = 2R/3 active, AdamW "
         f"state; one process; b0 = {Schedule(1).b0} prunes and {Schedule(1).b0} expands per step; median of {args.reps} "
         f"steps (after one dropped warm-up), timed in {'process CPU time' if args.clock == 'cpu' else 'wall time'} "
         f"with {torch.get_num_threads()} intra-op thread(s). 'gather' stacks lambda and the masks into [N, R] (no collective in one "
         "process); 'decide' is `RankAllocator.decide` (gather + importance + selection as the library calls them); "
-        "'step' is `RankAllocator.step` (decide + apply + optimizer surgery). Milliseconds:", "",
+        "'step' is `RankAllocator.step` (decide + apply + optimizer surgery). Milliseconds:",
+        "",
     ]
     rows = []
     for (n, capacity), t in sorted(measured.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         step = median(t["step"])
-        rows.append([n, capacity] + [median(t[k]) * ms for k in ("gather", "importance", "selection", "decide", "step")]
-                    + [step / n * 1e6])
-    out += [markdown_table(["N", "R", "gather", "importance", "selection", "decide", "step", "step us / matrix"], rows), ""]
+        rows.append(
+            [n, capacity]
+            + [median(t[k]) * ms for k in ("gather", "importance", "selection", "decide", "step")]
+            + [step / n * 1e6]
+        )
+    out += [
+        markdown_table(["N", "R", "gather", "importance", "selection", "decide", "step", "step us / matrix"], rows),
+        "",
+    ]
     slope_rows = []
     for capacity in sorted({c for _, c in measured}):
         points = [(n, median(t["step"])) for (n, c), t in measured.items() if c == capacity]
         decide = [(n, median(t["decide"])) for (n, c), t in measured.items() if c == capacity]
         if len(points) >= 2:
             slope_rows.append([capacity, f"{_slope(decide):.2f}", f"{_slope(points):.2f}"])
-    out += ["Growth over the three largest N (least-squares log-log slope; 1 = linear in N):", "",
-            markdown_table(["R", "decide slope", "step slope"], slope_rows), ""]
+    out += [
+        "Growth over the three largest N (least-squares log-log slope; 1 = linear in N):",
+        "",
+        markdown_table(["R", "decide slope", "step slope"], slope_rows),
+        "",
+    ]
     if (args.out / "scaling.png").exists():
         out += ["![allocation time vs N](scaling.png)", ""]
 
     out += [
-        "## B. Communication per allocation step, LLaMA3 shapes (computed)", "",
+        "## B. Communication per allocation step, LLaMA3 shapes (computed)",
+        "",
         "Targets q, k, v, up, down; capacity R = max_rank = ceil(1.5 r) (the library default). Under FSDP2 / ZeRO-3 "
         "lambda is sharded and gathered once per allocation step: every process contributes ceil(R / world) float32 "
         "per module (zero-padded, so the gather exceeds the N x R x 4 bytes of lambda when world does not divide R) "
@@ -217,10 +268,27 @@ def report(args, measured, comm, wall_s, loads, command) -> str:
         "of the whole adapter (P, lambda, Q at capacity, float32) and of the whole model (bf16 weights). The last "
         "column is the extra [N, R] float64 all-reduce that only importance='sensitivity' adds on sharded engines. "
         "Allocation happens once every Delta_T steps (1000 in the paper's LLaMA3 runs); FSDP all-gathers the whole "
-        "model at least once every step.", "",
-        markdown_table(["model", "r", "R", "N", "world", "N x R x 4 B", "lambda gather B", "per allocation B",
-                        "adapter all-gather", "model all-gather", "alloc / adapter", "alloc / model", "sensitivity all-reduce B"],
-                       [row[:8] + [_human(row[8]), _human(row[9])] + row[10:] for row in comm]), "",
+        "model at least once every step.",
+        "",
+        markdown_table(
+            [
+                "model",
+                "r",
+                "R",
+                "N",
+                "world",
+                "N x R x 4 B",
+                "lambda gather B",
+                "per allocation B",
+                "adapter all-gather",
+                "model all-gather",
+                "alloc / adapter",
+                "alloc / model",
+                "sensitivity all-reduce B",
+            ],
+            [row[:8] + [_human(row[8]), _human(row[9])] + row[10:] for row in comm],
+        ),
+        "",
     ]
     return "\n".join(out)
 
@@ -235,7 +303,10 @@ def main(argv=None) -> None:
     for capacity in args.capacities:
         for n in args.matrices:
             measured[(n, capacity)] = time_allocation(n, capacity, args.reps, CLOCKS[args.clock])
-            print(f"N={n} R={capacity}: step {median(measured[(n, capacity)]['step']) * 1e3:.2f} ms, load {load_averages()}", file=sys.stderr)
+            print(
+                f"N={n} R={capacity}: step {median(measured[(n, capacity)]['step']) * 1e3:.2f} ms, load {load_averages()}",
+                file=sys.stderr,
+            )
     comm = communication_rows()
     args.out.mkdir(parents=True, exist_ok=True)
     plot(measured, args.out / "scaling.png")

@@ -27,17 +27,36 @@ import torch
 from flexlora.recipe_kit.loop import setup_logging
 from flexlora.recipe_kit.models import load_causal_lm
 from flexlora.recipe_kit.run_config import ModelConfig
-from flexlora.recipe_kit.scoring import PAPER_TASKS, PROTOCOLS, EvalConfig, attach_adapter, evaluate, format_table, write_report
+from flexlora.recipe_kit.scoring import (
+    PAPER_TASKS,
+    PROTOCOLS,
+    EvalConfig,
+    attach_adapter,
+    evaluate,
+    format_table,
+    write_report,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m eval.commonsense", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="base model: hub id, local folder or package:<python package>")
     parser.add_argument("--gguf-file", help="GGUF file inside --base (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
-    parser.add_argument("--adapter", help="FlexLoRA or PEFT adapter folder (or a training output folder); omit to score the base")
-    parser.add_argument("--tasks", nargs="+", default=[t for t, _ in PAPER_TASKS], help="task names (LLM-Adapters folders or lm-eval names)")
+    parser.add_argument(
+        "--adapter", help="FlexLoRA or PEFT adapter folder (or a training output folder); omit to score the base"
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=[t for t, _ in PAPER_TASKS],
+        help="task names (LLM-Adapters folders or lm-eval names)",
+    )
     parser.add_argument("--protocol", choices=PROTOCOLS, default="llm-adapters")
-    parser.add_argument("--data-dir", default="../shared/data/commonsense", help="folder of <task>/<split>.json for the llm-adapters protocol")
+    parser.add_argument(
+        "--data-dir",
+        default="../shared/data/commonsense",
+        help="folder of <task>/<split>.json for the llm-adapters protocol",
+    )
     parser.add_argument("--split", default="dev")
     parser.add_argument("--limit", type=int, help="items per task (the first ones)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -48,8 +67,13 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging(is_main=True)
 
     config = EvalConfig(
-        protocol=args.protocol, tasks=args.tasks, data_dir=args.data_dir, split=args.split, limit=args.limit,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        protocol=args.protocol,
+        tasks=args.tasks,
+        data_dir=args.data_dir,
+        split=args.split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_config = ModelConfig(path=args.base, gguf_file=args.gguf_file, dtype=args.dtype, gradient_checkpointing=False)
@@ -62,7 +86,16 @@ def main(argv: list[str] | None = None) -> dict:
     model_name = Path(args.gguf_file).stem if args.gguf_file else Path(args.base.rstrip("/")).name
     table = format_table(results, model_name, method, params)
     print(table)
-    write_report(results, table, args.output, base=args.base, adapter=args.adapter, method=method, params=params, limit=args.limit)
+    write_report(
+        results,
+        table,
+        args.output,
+        base=args.base,
+        adapter=args.adapter,
+        method=method,
+        params=params,
+        limit=args.limit,
+    )
     return results
 
 

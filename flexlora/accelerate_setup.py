@@ -39,8 +39,11 @@ def _parallelism_config(accelerator_kwargs: dict) -> ParallelismConfig | None:
         config = ParallelismConfig()  # reads PARALLELISM_CONFIG_*, as Accelerator() would
     if config is None:
         return None
-    refused = [f"{UNSUPPORTED_PARALLELISM[dim]} ({dim}_size={getattr(config, f'{dim}_size')})"
-               for dim in UNSUPPORTED_PARALLELISM if getattr(config, f"{dim}_size") > 1]
+    refused = [
+        f"{UNSUPPORTED_PARALLELISM[dim]} ({dim}_size={getattr(config, f'{dim}_size')})"
+        for dim in UNSUPPORTED_PARALLELISM
+        if getattr(config, f"{dim}_size") > 1
+    ]
     if refused:
         raise ValueError(
             f"parallelism_config asks for {' and '.join(refused)}: FlexLoRA's allocator edits adapter tensors sharded "
@@ -94,8 +97,9 @@ def build_accelerator(**accelerator_kwargs) -> Accelerator:
     if cpu_mesh:
         # Accelerator() checks a parallelism config against its distributed type, which on CPU is MULTI_CPU until the
         # FSDP patch below, and refuses it: start with the trivial config (no mesh), install the real one after it.
-        kwargs["parallelism_config"] = ParallelismConfig(dp_replicate_size=1, dp_shard_size=1, tp_size=1, cp_size=1,
-                                                         sp_size=1)
+        kwargs["parallelism_config"] = ParallelismConfig(
+            dp_replicate_size=1, dp_shard_size=1, tp_size=1, cp_size=1, sp_size=1
+        )
     elif parallelism_config is not None:
         kwargs["parallelism_config"] = parallelism_config
     fsdp_plugin = None
@@ -143,7 +147,9 @@ def _validate(accelerator: Accelerator, world_size: str | None, use_fsdp: bool, 
     if world_size is not None and int(world_size) != n:
         raise RuntimeError(f"the launcher started WORLD_SIZE={world_size} processes but the Accelerator sees {n}")
     if n > 1 and kind == DistributedType.NO:
-        raise RuntimeError(f"{n} processes are running without a distributed type: they would train unsynchronised copies")
+        raise RuntimeError(
+            f"{n} processes are running without a distributed type: they would train unsynchronised copies"
+        )
     if use_fsdp and n > 1:
         if kind != DistributedType.FSDP:
             raise RuntimeError(f"the launch config asks for FSDP but the Accelerator runs {kind.value}")

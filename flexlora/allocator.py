@@ -107,7 +107,9 @@ class RankAllocator:
                 "frozen) or adapt more modules"
             )
         if b0 > n:
-            raise ValueError(f"b0={b0} is more than the N={n} adapted matrices (mode={self.config.mode}); lower b0 to at most {n}")
+            raise ValueError(
+                f"b0={b0} is more than the N={n} adapted matrices (mode={self.config.mode}); lower b0 to at most {n}"
+            )
 
     # ---- decision -------------------------------------------------------------------------------------
     def _slot_sensitivity(self) -> torch.Tensor:
@@ -133,7 +135,9 @@ class RankAllocator:
         bad = ~torch.isfinite(lam).all(dim=1)
         if bad.any():
             names = [self.names[i] for i in torch.nonzero(bad).flatten().tolist()]
-            raise FloatingPointError(f"step {step}: lambda of {names} contains NaN or inf; lower the learning rate or check the data")
+            raise FloatingPointError(
+                f"step {step}: lambda of {names} contains NaN or inf; lower the learning rate or check the data"
+            )
 
     def decide(self, step: int) -> tuple[int, list[tuple[str, int, int, float]]]:
         """The budget b(t) and the changes (action, module index, slot, score); none outside allocation steps."""
@@ -213,9 +217,15 @@ class RankAllocator:
         if not decision:
             return []
         touched = [self.layers[i] for i in dict.fromkeys(i for _, i, _, _ in decision)]
-        finite = all(bool(torch.isfinite(piece.values).all())
-                     for layer in touched for t in (layer.lora_P, layer.lora_Q) for piece in distributed.value_pieces(t))
-        distributed.assert_same_decision([(a, i, s) for a, i, s, _ in decision], self.layers[0].rank_mask.device, global_step, finite)
+        finite = all(
+            bool(torch.isfinite(piece.values).all())
+            for layer in touched
+            for t in (layer.lora_P, layer.lora_Q)
+            for piece in distributed.value_pieces(t)
+        )
+        distributed.assert_same_decision(
+            [(a, i, s) for a, i, s, _ in decision], self.layers[0].rank_mask.device, global_step, finite
+        )
         self.collectives_last_step += int(distributed.is_distributed())
         changes = []
         for action, index, slot, score in decision:
@@ -225,7 +235,9 @@ class RankAllocator:
                 self._prune(layer, slot, optimizer)
             else:
                 self._expand(layer, index, slot, global_step, optimizer)
-            changes.append(RankChange(global_step, self.names[index], action, slot, before, layer.active_rank(), score, budget))
+            changes.append(
+                RankChange(global_step, self.names[index], action, slot, before, layer.active_rank(), score, budget)
+            )
         self.history.extend(changes)
         return changes
 

@@ -192,7 +192,9 @@ class FlexLoRAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in values if k not in known)  # yaml keys may be numbers, not only strings
         if unknown:
-            raise ValueError(f"unknown FlexLoRAConfig field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown FlexLoRAConfig field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+            )
         return cls(**values)
 
     @classmethod
@@ -200,7 +202,9 @@ class FlexLoRAConfig:
         try:
             text = Path(path).read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+            raise ValueError(
+                f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+            ) from None
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:

@@ -90,7 +90,9 @@ def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         if isinstance(placement, Replicate):
             continue
         if not (isinstance(placement, Shard) and placement.dim == 0):
-            raise NotImplementedError(f"FlexLoRA edits dim-0 shards only; got placement {placement} for a tensor of shape {tuple(t.shape)}")
+            raise NotImplementedError(
+                f"FlexLoRA edits dim-0 shards only; got placement {placement} for a tensor of shape {tuple(t.shape)}"
+            )
         size = t.device_mesh.size(mesh_dim)
         coord = t.device_mesh.get_local_rank(mesh_dim)
         chunk = math.ceil((stop - start) / size)  # torch.chunk semantics, as FSDP2 uses
@@ -196,7 +198,9 @@ def _slot_positions(shape: tuple[int, ...], slot: int, slot_dim: int) -> torch.T
     if len(shape) == 1:
         return torch.tensor([slot])
     if len(shape) != 2 or slot_dim not in (0, 1):
-        raise ValueError(f"slots are defined for 1-D and 2-D tensors along dim 0 or 1, not shape {shape} dim {slot_dim}")
+        raise ValueError(
+            f"slots are defined for 1-D and 2-D tensors along dim 0 or 1, not shape {shape} dim {slot_dim}"
+        )
     rows, cols = shape
     if slot_dim == 0:
         return slot * cols + torch.arange(cols)
@@ -213,7 +217,9 @@ def write_slot(piece: Piece, slot: int, slot_dim: int, value: torch.Tensor | flo
     index = (positions[inside] - piece.start).to(piece.values.device)
     if torch.is_tensor(value):
         if value.numel() != positions.numel():
-            raise ValueError(f"slot of a {piece.shape} tensor along dim {slot_dim} has {positions.numel()} elements, got {value.numel()}")
+            raise ValueError(
+                f"slot of a {piece.shape} tensor along dim {slot_dim} has {positions.numel()} elements, got {value.numel()}"
+            )
         piece.values[index] = value.flatten()[inside].to(piece.values)
     else:
         piece.values[index] = value
@@ -239,7 +245,9 @@ def _lambda_layout(lambdas: list[torch.Tensor]) -> tuple[str, int, object]:
     """('replicated' | 'dtensor' | 'zero3', capacity, process group) shared by every lambda, or raise."""
     kinds = {"zero3" if is_zero3_param(lam) else "dtensor" if is_sharded(lam) else "replicated" for lam in lambdas}
     if len(kinds) > 1:
-        raise RuntimeError(f"lambda tensors are laid out differently across modules ({sorted(kinds)}): shard all adapted layers alike")
+        raise RuntimeError(
+            f"lambda tensors are laid out differently across modules ({sorted(kinds)}): shard all adapted layers alike"
+        )
     kind = kinds.pop()
     capacity = full_shape(lambdas[0])[0]
     if any(full_shape(lam)[0] != capacity for lam in lambdas):
@@ -356,8 +364,10 @@ def assert_same_decision(decision: list[tuple], device: torch.device, step: int,
     both = torch.cat([value, -value])  # min of both halves gives the smallest and the largest digest
     dist.all_reduce(both, op=dist.ReduceOp.MIN)
     if both[0].item() == 0:
-        raise FloatingPointError(f"step {step}: P or Q of a matrix this allocation touches holds NaN or inf (found on "
-                                 f"{'this' if not finite else 'another'} process, rank {dist.get_rank()})")
+        raise FloatingPointError(
+            f"step {step}: P or Q of a matrix this allocation touches holds NaN or inf (found on "
+            f"{'this' if not finite else 'another'} process, rank {dist.get_rank()})"
+        )
     if both[0].item() != value.item() or -both[1].item() != value.item():
         raise RuntimeError(
             f"rank {dist.get_rank()}: allocation decision differs across processes ({decision}); "

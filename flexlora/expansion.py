@@ -26,8 +26,9 @@ def gaussian_direction(d_out: int, d_in: int, std: float, seed: int) -> tuple[to
     return p, q
 
 
-def initial_factors(d_out: int, d_in: int, capacity: int, factor_init: str, std: float,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def initial_factors(
+    d_out: int, d_in: int, capacity: int, factor_init: str, std: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """P [d_out, capacity] and Q [capacity, d_in] at step 0, float32 on CPU (lambda starts at 0 whatever they are).
 
     gaussian:    entries N(0, std^2), columns / rows of length about std * sqrt(d) (0.4 for d = 384 at std 0.02).

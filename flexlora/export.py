@@ -94,7 +94,9 @@ def load_adapter_state(adapters: Adapters, state: dict[str, torch.Tensor]) -> No
     for key, target in targets.items():
         value = state[key]
         if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{key}: saved shape {tuple(value.shape)} does not match the model's {tuple(target.shape)}")
+            raise ValueError(
+                f"{key}: saved shape {tuple(value.shape)} does not match the model's {tuple(target.shape)}"
+            )
         local, start, stop = local_rows(target)
         local.copy_(value[start:stop].to(local))
 

@@ -117,5 +117,7 @@ def matrix_importance(
     try:
         fn = SPECTRAL_METRICS[metric]
     except KeyError:
-        raise ValueError(f"unknown importance metric {metric!r}; choose from {sorted(SPECTRAL_METRICS) + ['sensitivity']}")
+        raise ValueError(
+            f"unknown importance metric {metric!r}; choose from {sorted(SPECTRAL_METRICS) + ['sensitivity']}"
+        )
     return fn(lam, mask, eps)

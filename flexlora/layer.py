@@ -21,8 +21,10 @@ from .regulariser import LossScaleTracker, OrthogonalityRegulariser, gram_residu
 
 ADAPTABLE_TYPES = (nn.Linear, Conv1D)
 DENSE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-SUPPORTED_BASE_LAYERS = ("nn.Linear or transformers Conv1D with a float32 / bfloat16 / float16 / float64 weight, "
-                         "or bitsandbytes Linear4bit (nf4 / fp4)")
+SUPPORTED_BASE_LAYERS = (
+    "nn.Linear or transformers Conv1D with a float32 / bfloat16 / float16 / float64 weight, "
+    "or bitsandbytes Linear4bit (nf4 / fp4)"
+)
 
 
 def is_bnb_4bit(module: nn.Module) -> bool:
@@ -55,8 +57,11 @@ def unsupported_reason(module: nn.Module) -> str | None:
     weight = module.weight
     d_out, d_in = features(module)
     declared = (d_in, d_out) if isinstance(module, Conv1D) else (d_out, d_in)
-    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.dtype not in DENSE_WEIGHT_DTYPES or \
-            full_shape(weight) != declared:
+    if (
+        type(weight) not in (torch.Tensor, nn.Parameter)
+        or weight.dtype not in DENSE_WEIGHT_DTYPES
+        or full_shape(weight) != declared
+    ):
         return f"{kind}, weight {type(weight).__name__} {weight.dtype} {list(full_shape(weight))}"
     return None
 
@@ -65,8 +70,14 @@ class FlexLoRALayer(nn.Module):
     """``matrix_count`` (N, the number of matrices adapted together) and ``loss_scale_tracker`` are shared by the layers
     of one model (``flexlora.inject`` sets them); a layer used alone is its own model of one matrix."""
 
-    def __init__(self, base_layer: nn.Module, config: FlexLoRAConfig, module_index: int, matrix_count: int = 1,
-                 loss_scale_tracker: LossScaleTracker | None = None):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        config: FlexLoRAConfig,
+        module_index: int,
+        matrix_count: int = 1,
+        loss_scale_tracker: LossScaleTracker | None = None,
+    ):
         super().__init__()
         reason = unsupported_reason(base_layer)
         if reason is not None:
@@ -101,8 +112,14 @@ class FlexLoRALayer(nn.Module):
         self.factor_init = config.factor_init
         self.init_std = config.init_std
         if weight.device.type != "meta":
-            p, q = initial_factors(self.d_out, self.d_in, self.capacity, config.factor_init, config.init_std,
-                                   direction_seed(config.seed, -1, module_index, 0))
+            p, q = initial_factors(
+                self.d_out,
+                self.d_in,
+                self.capacity,
+                config.factor_init,
+                config.init_std,
+                direction_seed(config.seed, -1, module_index, 0),
+            )
             with torch.no_grad():
                 self.lora_P.copy_(p)
                 self.lora_Q.copy_(q)
@@ -135,12 +152,16 @@ class FlexLoRALayer(nn.Module):
         if not is_bnb_4bit(self.base_layer):
             return None
         if dequantize_to is None:
-            return ("has a 4-bit base (bitsandbytes Linear4bit), where Delta W cannot be added without rounding it "
-                    "away: pass dequantize_to=<torch dtype, e.g. torch.bfloat16> to replace it by a dense nn.Linear of that "
-                    "dtype")
+            return (
+                "has a 4-bit base (bitsandbytes Linear4bit), where Delta W cannot be added without rounding it "
+                "away: pass dequantize_to=<torch dtype, e.g. torch.bfloat16> to replace it by a dense nn.Linear of that "
+                "dtype"
+            )
         if getattr(self.base_layer.weight.quant_state, "packing_format_for_cpu", False):
-            return ("has a 4-bit base that bitsandbytes repacked for CPU inference (an eval-mode forward without grad "
-                    "on an AVX512-BF16 CPU), a layout its dequantization does not read: merge before such inference")
+            return (
+                "has a 4-bit base that bitsandbytes repacked for CPU inference (an eval-mode forward without grad "
+                "on an AVX512-BF16 CPU), a layout its dequantization does not read: merge before such inference"
+            )
         return None
 
     @torch.no_grad()
@@ -164,8 +185,9 @@ class FlexLoRALayer(nn.Module):
         import bitsandbytes as bnb
 
         base = self.base_layer
-        dense = torch.nn.utils.skip_init(nn.Linear, self.d_in, self.d_out, bias=base.bias is not None,
-                                         device=base.weight.device, dtype=dtype)
+        dense = torch.nn.utils.skip_init(
+            nn.Linear, self.d_in, self.d_out, bias=base.bias is not None, device=base.weight.device, dtype=dtype
+        )
         dense.weight.copy_(bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state))
         if base.bias is not None:
             dense.bias.copy_(base.bias)
@@ -181,7 +203,12 @@ class FlexLoRALayer(nn.Module):
         delta = F.linear(F.linear(h, self.lora_Q) * gains, self.lora_P)
         if self.training and self.orth_reg_weight > 0 and torch.is_grad_enabled():
             delta, gram_p, gram_q = OrthogonalityRegulariser.apply(
-                delta, self.lora_P, self.lora_Q, self.rank_mask, self.orth_reg_weight * self.orth_share, self.orth_reg == "eq2_sum",
+                delta,
+                self.lora_P,
+                self.lora_Q,
+                self.rank_mask,
+                self.orth_reg_weight * self.orth_share,
+                self.orth_reg == "eq2_sum",
                 self.loss_scale_tracker.current,
             )
             self._last_grams = (gram_p.detach(), gram_q.detach())

@@ -42,15 +42,23 @@ class Adapters:
     ``accelerator.prepare``.
     """
 
-    def __init__(self, model: nn.Module, config: FlexLoRAConfig, layers: dict[str, FlexLoRALayer], saved: list[str],
-                 loss_scale_tracker: LossScaleTracker):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: FlexLoRAConfig,
+        layers: dict[str, FlexLoRALayer],
+        saved: list[str],
+        loss_scale_tracker: LossScaleTracker,
+    ):
         self.model = model
         self.config = config
         self.layers = layers
         self.modules_to_save = saved
         self.loss_scale_tracker = loss_scale_tracker
-        self._hooks = [model.register_forward_pre_hook(self._begin_forward),
-                       model.register_forward_hook(self._mark_output_loss)]
+        self._hooks = [
+            model.register_forward_pre_hook(self._begin_forward),
+            model.register_forward_hook(self._mark_output_loss),
+        ]
 
     def _training_forward(self) -> bool:
         return self.model.training and torch.is_grad_enabled() and self.config.orth_reg_weight > 0
@@ -88,7 +96,10 @@ class Adapters:
             capacity += per_direction * layer.capacity
             active += per_direction * layer.active_rank()
         saved = sum(
-            p.numel() for name, module in self.model.named_modules() if name in self.modules_to_save for p in module.parameters()
+            p.numel()
+            for name, module in self.model.named_modules()
+            if name in self.modules_to_save
+            for p in module.parameters()
         )
         total = sum(p.numel() for p in self.model.parameters())
         return ParameterCount(capacity=capacity, active=active, modules_to_save=saved, total=total)
@@ -105,8 +116,12 @@ class Adapters:
         A 4-bit base (bitsandbytes Linear4bit) is refused unless ``dequantize_to`` names a dtype: each such layer then
         becomes a dense nn.Linear of that dtype holding its dequantized weight + Delta W (4-bit layers that were not
         adapted stay as they are). Nothing changes when a layer is refused."""
-        problems = [(name, problem) for name, layer in self.layers.items()
-                    for problem in [layer.merge_problem(dequantize_to)] if problem is not None]
+        problems = [
+            (name, problem)
+            for name, layer in self.layers.items()
+            for problem in [layer.merge_problem(dequantize_to)]
+            if problem is not None
+        ]
         if problems:
             (name, problem), more = problems[0], len(problems) - 1
             raise ValueError(f"merge_and_unload: {name}{f' (and {more} more)' if more else ''} {problem}")
@@ -129,9 +144,13 @@ def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
     if any(isinstance(m, FlexLoRALayer) for m in model.modules()):
         raise ValueError("this model already has FlexLoRA layers; inject once per model")
     config.validate()  # again: fields may have been changed since construction (e.g. target_modules set to a bad regex)
-    matched = [(name, module) for name, module in model.named_modules() if name and _matches(name, config.target_modules)]
+    matched = [
+        (name, module) for name, module in model.named_modules() if name and _matches(name, config.target_modules)
+    ]
     if not matched:
-        linear_names = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, ADAPTABLE_TYPES)})
+        linear_names = sorted(
+            {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, ADAPTABLE_TYPES)}
+        )
         raise ValueError(
             f"target_modules {config.target_modules!r} matched no module of {type(model).__name__}; "
             f"its linear layers are named {linear_names}"
@@ -139,10 +158,16 @@ def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
     wrong = [f"{name} ({reason})" for name, m in matched for reason in [unsupported_reason(m)] if reason is not None]
     if wrong:
         more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
-        raise ValueError(f"target_modules matched modules FlexLoRA cannot adapt exactly: {', '.join(wrong[:5])}{more}; "
-                         f"it adapts {SUPPORTED_BASE_LAYERS}")
-    too_small = [f"{name} [d_out={d_out}, d_in={d_in}]" for name, m in matched for d_out, d_in in [features(m)]
-                 if config.max_rank > min(d_out, d_in)]
+        raise ValueError(
+            f"target_modules matched modules FlexLoRA cannot adapt exactly: {', '.join(wrong[:5])}{more}; "
+            f"it adapts {SUPPORTED_BASE_LAYERS}"
+        )
+    too_small = [
+        f"{name} [d_out={d_out}, d_in={d_in}]"
+        for name, m in matched
+        for d_out, d_in in [features(m)]
+        if config.max_rank > min(d_out, d_in)
+    ]
     if too_small:
         shown = ", ".join(too_small[:5]) + (f" and {len(too_small) - 5} more" if len(too_small) > 5 else "")
         raise ValueError(
@@ -150,7 +175,11 @@ def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
             "matrix has no more than min(d_out, d_in) independent directions; lower r / max_rank or leave those "
             "modules out of target_modules"
         )
-    saved = [name for name, _ in model.named_modules() if name and config.modules_to_save and _matches(name, config.modules_to_save)]
+    saved = [
+        name
+        for name, _ in model.named_modules()
+        if name and config.modules_to_save and _matches(name, config.modules_to_save)
+    ]
     missing = [t for t in config.modules_to_save if not any(_matches(n, [t]) for n in saved)]
     if missing:
         raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")

@@ -82,12 +82,17 @@ def param_groups(model: torch.nn.Module, lr: float, lambda_lr_multiplier: float 
     lambdas: dict[int, tuple[torch.Tensor, float]] = {}  # id(lambda) -> (lambda, its multiplier)
     for module in model.modules():
         if isinstance(module, FlexLoRALayer) and module.lora_lambda.requires_grad:
-            multiplier = shape_matched_lambda_multiplier(module.d_out, module.d_in, module.factor_init,
-                                                         module.init_std) if auto else lambda_lr_multiplier
+            multiplier = (
+                shape_matched_lambda_multiplier(module.d_out, module.d_in, module.factor_init, module.init_std)
+                if auto
+                else lambda_lr_multiplier
+            )
             lambdas[id(module.lora_lambda)] = (module.lora_lambda, multiplier)
     others = [param for param in model.parameters() if param.requires_grad and id(param) not in lambdas]
     if lambda_lr_multiplier != 1.0 and not lambdas:
-        raise ValueError("lambda_lr_multiplier is set but the model has no trainable FlexLoRA lambda (lora_lambda) parameters")
+        raise ValueError(
+            "lambda_lr_multiplier is set but the model has no trainable FlexLoRA lambda (lora_lambda) parameters"
+        )
     groups = [{"params": others, "lr": lr}] if others else []
     for multiplier in sorted({m for _, m in lambdas.values()}):
         groups.append({"params": [p for p, m in lambdas.values() if m == multiplier], "lr": lr * multiplier})

@@ -48,7 +48,9 @@ def penalty_from_residuals(gram_p: torch.Tensor, gram_q: torch.Tensor, form: str
     return torch.linalg.matrix_norm(gram_p) + torch.linalg.matrix_norm(gram_q)
 
 
-def orthogonality_penalty(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor, form: str = "mean_norm") -> torch.Tensor:
+def orthogonality_penalty(
+    p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor, form: str = "mean_norm"
+) -> torch.Tensor:
     """One matrix's term, differentiable (a reference for tests and for loops that add it to the loss themselves)."""
     return penalty_from_residuals(*gram_residuals(p, q, mask), form)
 

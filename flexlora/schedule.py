@@ -25,7 +25,9 @@ def paper_budget(step: int, b0: int, t_warmup: int, t_final: int, total_steps: i
 def ranks_to_move(step: int, config: FlexLoRAConfig) -> int:
     """How many matrices prune / expand at this optimizer step (0 outside allocation steps)."""
     if config.total_steps is None:
-        raise ValueError("FlexLoRAConfig.total_steps is not set: the allocation schedule needs the total number of optimizer steps")
+        raise ValueError(
+            "FlexLoRAConfig.total_steps is not set: the allocation schedule needs the total number of optimizer steps"
+        )
     if not in_allocation_window(step, config.t_warmup, config.t_final, config.total_steps, config.delta_t):
         return 0
     if config.schedule == "constant":

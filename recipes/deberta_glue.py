@@ -41,7 +41,14 @@ from flexlora.recipe_kit.run_config import ModelConfig, TrainConfig, run_recipe
 log = logging.getLogger("deberta_glue")
 
 # DeBERTa(V2/V3) names: attention query/key/value, attention output, feed-forward in and out (paper Figure 2: Q K V A I O)
-DEBERTA_TARGETS = ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"]
+DEBERTA_TARGETS = [
+    "query_proj",
+    "key_proj",
+    "value_proj",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+]
 
 
 @dataclass
@@ -78,16 +85,22 @@ class GlueDataConfig:
 class RecipeConfig(ClassifierRunSections):  # + eval, checkpoint and logging sections
     method: str = "flexlora"  # flexlora | lora | adalora
     output_dir: str = "outputs/glue/{task}-{method}"  # {task} and {method} are filled in
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="microsoft/deberta-v3-base", dtype="float32",
-                                                                    gradient_checkpointing=False))
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            path="microsoft/deberta-v3-base", dtype="float32", gradient_checkpointing=False
+        )
+    )
     data: GlueDataConfig = field(default_factory=GlueDataConfig)
     # A FlexLoRAConfig; LoRA and AdaLoRA take r, alpha, dropout, targets, head and schedule from it (budget rule in
     # flexlora.recipe_kit.methods.build_method). total_steps is filled in from the data and train.epochs / train.max_steps.
     adapter: FlexLoRAConfig = field(
-        default_factory=lambda: FlexLoRAConfig(target_modules=list(DEBERTA_TARGETS), r=8, lora_alpha=16, b0=4,
-                                               modules_to_save=["pooler", "classifier"])
+        default_factory=lambda: FlexLoRAConfig(
+            target_modules=list(DEBERTA_TARGETS), r=8, lora_alpha=16, b0=4, modules_to_save=["pooler", "classifier"]
+        )
     )
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, micro_batch_size=32, warmup_ratio=0.1))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(batch_size=32, micro_batch_size=32, warmup_ratio=0.1)
+    )
 
     def __post_init__(self) -> None:
         self.check_sections(task=glue.get_task(self.data.task).name)
@@ -96,14 +109,22 @@ class RecipeConfig(ClassifierRunSections):  # + eval, checkpoint and logging sec
 def load_glue_splits(data: GlueDataConfig) -> tuple[glue.GlueSplit, dict[str, glue.GlueSplit]]:
     """(training rows, evaluation splits) as the config asks: source, carved validation split, subsets."""
     task = glue.get_task(data.task)
-    splits = glue.load_glue_local(task, data.data_dir) if data.source == "local" else glue.load_glue_hub(task, data.hub_dataset)
+    splits = (
+        glue.load_glue_local(task, data.data_dir)
+        if data.source == "local"
+        else glue.load_glue_hub(task, data.hub_dataset)
+    )
     train = splits.pop("train")
     log.info("GLUE %s: %d training rows from %s", task.name, len(train), train.source)
     if not splits:
         train, held = glue.carve_validation(train, data.validation_size, data.seed)
         splits = {"validation": held}
-        log.info("no dev file: validation split of %d rows carved from train (seed %d); %d rows left to train on",
-                 len(held), data.seed, len(train))
+        log.info(
+            "no dev file: validation split of %d rows carved from train (seed %d); %d rows left to train on",
+            len(held),
+            data.seed,
+            len(train),
+        )
     train = glue.subsample(train, data.max_train_samples, data.seed)
     splits = {name: glue.subsample(split, data.max_eval_samples, data.seed) for name, split in splits.items()}
     for name, split in splits.items():
@@ -123,11 +144,15 @@ def main(argv: list[str] | None = None) -> dict:
     train_split, eval_splits = load_glue_splits(config.data)
     with accelerator.main_process_first():  # the first process downloads, the others read its cache
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(config.model.path))
-        model = load_classifier(AutoModelForSequenceClassification, config.model, accelerator.device, num_labels=task.num_labels)
+        model = load_classifier(
+            AutoModelForSequenceClassification, config.model, accelerator.device, num_labels=task.num_labels
+        )
     if config.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     train_dataset = glue.EncodedGlue(train_split, tokenizer, config.data.max_length)
-    eval_datasets = {name: glue.EncodedGlue(split, tokenizer, config.data.max_length) for name, split in eval_splits.items()}
+    eval_datasets = {
+        name: glue.EncodedGlue(split, tokenizer, config.data.max_length) for name, split in eval_splits.items()
+    }
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
 
     def score(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -140,12 +165,26 @@ def main(argv: list[str] | None = None) -> dict:
     main_metric = f"{next(iter(eval_datasets))}/{task.main_metric}"
     title = f"{config.method} rank allocation, GLUE {task.name} ({model_name(config.model.path)}, r={config.adapter.r})"
     describe = {"task": task.name, "model": config.model.path}
-    metrics = train_and_evaluate(config, accelerator, model, "SEQ_CLS", train_dataset, eval_datasets, collator, score,
-                                 main_metric, title, describe)
+    metrics = train_and_evaluate(
+        config,
+        accelerator,
+        model,
+        "SEQ_CLS",
+        train_dataset,
+        eval_datasets,
+        collator,
+        score,
+        main_metric,
+        title,
+        describe,
+    )
     if is_main:
         best = metrics["best"]
-        print(f"GLUE {task.name} {config.method}: final {main_metric} {metrics['final'][main_metric]:.4f}"
-              + (f", best {best[main_metric]:.4f} at step {best['step']}" if best else ""), flush=True)
+        print(
+            f"GLUE {task.name} {config.method}: final {main_metric} {metrics['final'][main_metric]:.4f}"
+            + (f", best {best[main_metric]:.4f} at step {best['step']}" if best else ""),
+            flush=True,
+        )
     accelerator.end_training()
     return metrics
 

@@ -69,7 +69,14 @@ class RecipeConfig:
     # from it (see flexlora.recipe_kit.methods.build_method for the budget rule). total_steps is filled in from the data.
     adapter: FlexLoRAConfig = field(
         default_factory=lambda: FlexLoRAConfig(
-            target_modules=list(PAPER_TARGETS), r=8, lora_alpha=16, lora_dropout=0.05, b0=4, t_warmup=5000, t_final=5000, delta_t=1000
+            target_modules=list(PAPER_TARGETS),
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.05,
+            b0=4,
+            t_warmup=5000,
+            t_final=5000,
+            delta_t=1000,
         )
     )
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -90,17 +97,27 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(config.train.seed)
 
     data_path = config.data.path
-    if config.data.uses_synthetic() and config.data.path != "synthetic" and any(
-            arg.startswith("data.path=") for arg in (sys.argv[1:] if argv is None else argv)):
+    if (
+        config.data.uses_synthetic()
+        and config.data.path != "synthetic"
+        and any(arg.startswith("data.path=") for arg in (sys.argv[1:] if argv is None else argv))
+    ):
         # data.if_missing applies to the path written in the config; a path typed on the command line must exist
-        raise FileNotFoundError(f"data.path {config.data.path} does not exist (given on the command line, so no "
-                                "generated data instead)")
+        raise FileNotFoundError(
+            f"data.path {config.data.path} does not exist (given on the command line, so no generated data instead)"
+        )
     if config.data.uses_synthetic():
         data_path = str(out / "synthetic_data")
         if is_main:
-            reason = "data.path=synthetic" if config.data.path == "synthetic" else f"data.path {config.data.path} does not exist (data.if_missing=synthetic)"
+            reason = (
+                "data.path=synthetic"
+                if config.data.path == "synthetic"
+                else f"data.path {config.data.path} does not exist (data.if_missing=synthetic)"
+            )
             log.warning("%s: training on a generated data set written to %s", reason, data_path)
-            write_synthetic_dataset(data_path, config.data.synthetic_train_per_task, config.data.synthetic_dev_per_task, config.data.seed)
+            write_synthetic_dataset(
+                data_path, config.data.synthetic_train_per_task, config.data.synthetic_dev_per_task, config.data.seed
+            )
         accelerator.wait_for_everyone()
     rows, counts = load_rows(data_path, config.data.split)
     log.info("data %s: %d rows (%s)", data_path, len(rows), summarize_counts(counts))
@@ -112,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     if config.eval.enabled:
         if config.data.uses_synthetic() and config.eval.data_dir is None:
             if is_main:
-                log.warning("scoring the generated data set's dev files (tasks %s) instead of eval.tasks", ", ".join(SYNTHETIC_TASKS))
+                log.warning(
+                    "scoring the generated data set's dev files (tasks %s) instead of eval.tasks",
+                    ", ".join(SYNTHETIC_TASKS),
+                )
             config.eval.tasks = list(SYNTHETIC_TASKS)
         plan_tasks(config.eval, eval_data_dir)  # missing or malformed scoring files fail now, not after training
 
@@ -121,8 +141,18 @@ def main(argv: list[str] | None = None) -> None:
         weights = is_main or not main_process_loads_weights(accelerator)
         model, tokenizer = load_causal_lm(config.model, accelerator.device, weights=weights)
     tokenizer.padding_side = "right"
-    model_name = Path(config.model.gguf_file).stem if config.model.gguf_file else Path(config.model.path.rstrip("/")).name
-    examples = tokenize_rows(rows, tokenizer, config.data.cutoff_len, config.data.train_on_inputs, config.data.add_eos_token, progress=is_main, source=data_path)
+    model_name = (
+        Path(config.model.gguf_file).stem if config.model.gguf_file else Path(config.model.path.rstrip("/")).name
+    )
+    examples = tokenize_rows(
+        rows,
+        tokenizer,
+        config.data.cutoff_len,
+        config.data.train_on_inputs,
+        config.data.add_eos_token,
+        progress=is_main,
+        source=data_path,
+    )
     dataset = TokenizedDataset(examples)
     # one padding-free sequence per micro-batch where rows stay apart (data.packing=auto|true), else padded batches
     from flexlora.recipe_kit.data.packing import packed_collator_for
@@ -130,25 +160,36 @@ def main(argv: list[str] | None = None) -> None:
     attn_implementation = model.config._attn_implementation
     collator = packed_collator_for(config.data.packing, attn_implementation)  # true under eager etc.: a clear error
     if collator is not None:
-        log.info("data.packing=%s: each micro-batch is one padding-free sequence (attn_implementation=%s)",
-                 str(config.data.packing).lower(), attn_implementation)
+        log.info(
+            "data.packing=%s: each micro-batch is one padding-free sequence (attn_implementation=%s)",
+            str(config.data.packing).lower(),
+            attn_implementation,
+        )
     else:
         if config.data.packing == "auto":
-            log.info("data.packing=auto: padded micro-batches, since attn_implementation=%s cannot keep packed rows "
-                     "apart", attn_implementation)
+            log.info(
+                "data.packing=auto: padded micro-batches, since attn_implementation=%s cannot keep packed rows apart",
+                attn_implementation,
+            )
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, return_tensors="pt")
 
     if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.activation_checkpointing:
         # FSDP's checkpoint wrapper renames every decoder layer (..._checkpoint_wrapped_module...), and PEFT's adapter
         # saving then matches none of its modules; transformers' own checkpointing recomputes the same without renaming.
-        raise ConfigError("fsdp_activation_checkpointing is on in the accelerate config: set it to false there and use "
-                          "model.gradient_checkpointing=true (transformers' non-reentrant checkpointing) instead")
+        raise ConfigError(
+            "fsdp_activation_checkpointing is on in the accelerate config: set it to false there and use "
+            "model.gradient_checkpointing=true (transformers' non-reentrant checkpointing) instead"
+        )
     if config.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     training = build_training(config, accelerator, model, dataset, collator, "CAUSAL_LM", out)
     parameters = list(training.model.parameters())
-    log.info("%d of %d parameter tensors are sharded (DTensor)", sum(isinstance(p, DTensor) for p in parameters), len(parameters))
+    log.info(
+        "%d of %d parameter tensors are sharded (DTensor)",
+        sum(isinstance(p, DTensor) for p in parameters),
+        len(parameters),
+    )
 
     # ---------------------------------------------------------------- train loop
     training.loop.resume()
@@ -162,20 +203,34 @@ def main(argv: list[str] | None = None) -> None:
     if config.eval.enabled:
         if accelerator.num_processes > 1:
             if is_main:
-                command = (f"python -m eval.commonsense --base {config.model.path} --adapter {out / 'adapter' if config.method == 'flexlora' else out / 'peft'}"
-                           + (f" --gguf-file {config.model.gguf_file}" if config.model.gguf_file else "")
-                           + f" --data-dir {eval_data_dir} --tasks {' '.join(config.eval.tasks)}")
-                log.warning("eval.enabled: scoring runs in a single process; score the saved adapter with\n  %s", command)
+                command = (
+                    f"python -m eval.commonsense --base {config.model.path} --adapter {out / 'adapter' if config.method == 'flexlora' else out / 'peft'}"
+                    + (f" --gguf-file {config.model.gguf_file}" if config.model.gguf_file else "")
+                    + f" --data-dir {eval_data_dir} --tasks {' '.join(config.eval.tasks)}"
+                )
+                log.warning(
+                    "eval.enabled: scoring runs in a single process; score the saved adapter with\n  %s", command
+                )
         else:
             eval_model = accelerator.unwrap_model(training.model)
             if config.model.gradient_checkpointing:
                 eval_model.activation_checkpointing_disable()
             eval_model.config.use_cache = True
             results = evaluate(eval_model, tokenizer, config.eval, eval_data_dir)
-            label = {"flexlora": "FlexLoRA", "lora": "LoRA", "adalora": "AdaLoRA"}[config.method] + f" r={config.adapter.r}"
+            label = {"flexlora": "FlexLoRA", "lora": "LoRA", "adalora": "AdaLoRA"}[
+                config.method
+            ] + f" r={config.adapter.r}"
             table = format_table(results, model_name, label, params)
             print(table, flush=True)
-            write_report(results, table, out / "eval.json", base=config.model.path, method=label, params=params, limit=config.eval.limit)
+            write_report(
+                results,
+                table,
+                out / "eval.json",
+                base=config.model.path,
+                method=label,
+                params=params,
+                limit=config.eval.limit,
+            )
             metrics["eval"] = results
     if is_main:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

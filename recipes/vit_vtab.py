@@ -64,7 +64,9 @@ class VtabDataConfig:
         if self.source == "hub" and not self.hub_dataset:
             errors.append("data.source=hub needs data.hub_dataset")
         if self.task not in vtab.VTAB_TASKS and self.num_classes is None:
-            errors.append(f"data.task {self.task!r} is not a VTAB-1k task ({', '.join(vtab.VTAB_TASKS)}): give data.num_classes")
+            errors.append(
+                f"data.task {self.task!r} is not a VTAB-1k task ({', '.join(vtab.VTAB_TASKS)}): give data.num_classes"
+            )
         if self.num_classes is not None and self.num_classes < 2:
             errors.append(f"data.num_classes must be >= 2, got {self.num_classes}")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
@@ -82,14 +84,25 @@ class VtabDataConfig:
 class RecipeConfig(ClassifierRunSections):  # + eval, checkpoint and logging sections
     method: str = "flexlora"  # flexlora | lora | adalora
     output_dir: str = "outputs/vtab/{task}-{method}"  # {task} and {method} are filled in
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="google/vit-base-patch16-224-in21k", dtype="float32",
-                                                                    gradient_checkpointing=False))
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            path="google/vit-base-patch16-224-in21k", dtype="float32", gradient_checkpointing=False
+        )
+    )
     data: VtabDataConfig = field(default_factory=VtabDataConfig)
     # A FlexLoRAConfig; LoRA and AdaLoRA take r, alpha, dropout, targets, head and schedule from it (budget rule in
     # flexlora.recipe_kit.methods.build_method). total_steps is filled in from the data and train.epochs / train.max_steps.
     adapter: FlexLoRAConfig = field(
-        default_factory=lambda: FlexLoRAConfig(target_modules=list(VIT_TARGETS), r=8, lora_alpha=16, b0=4, t_warmup=500,
-                                               t_final=500, delta_t=100, modules_to_save=["classifier"])
+        default_factory=lambda: FlexLoRAConfig(
+            target_modules=list(VIT_TARGETS),
+            r=8,
+            lora_alpha=16,
+            b0=4,
+            t_warmup=500,
+            t_final=500,
+            delta_t=100,
+            modules_to_save=["classifier"],
+        )
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=100, batch_size=32, micro_batch_size=32, lr=1e-3, warmup_ratio=0.1)
@@ -114,8 +127,15 @@ def load_vtab_samples(data: VtabDataConfig) -> tuple[object, object, str]:
         chosen = sorted(random.Random(data.seed).sample(range(len(evaluation)), data.max_eval_samples))
         evaluation = [evaluation[i] for i in chosen]
         log.info("data.max_eval_samples=%d: scoring a seeded subset of %s", data.max_eval_samples, eval_split)
-    log.info("VTAB-1k %s (%s protocol): %d training images (%s), %d evaluation images (%s)",
-             data.task, data.protocol, len(train), train_split, len(evaluation), eval_split)
+    log.info(
+        "VTAB-1k %s (%s protocol): %d training images (%s), %d evaluation images (%s)",
+        data.task,
+        data.protocol,
+        len(train),
+        train_split,
+        len(evaluation),
+        eval_split,
+    )
     return train, evaluation, eval_split
 
 
@@ -133,8 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
     with accelerator.main_process_first():  # the first process downloads, the others read its cache
         processor = AutoImageProcessor.from_pretrained(resolve_model_location(config.model.path))
         # ignore_mismatched_sizes: a checkpoint that has a head of another size (ImageNet-1k) gets a new one too
-        model = load_classifier(AutoModelForImageClassification, config.model, accelerator.device,
-                                num_labels=config.data.classes(), ignore_mismatched_sizes=True)
+        model = load_classifier(
+            AutoModelForImageClassification,
+            config.model,
+            accelerator.device,
+            num_labels=config.data.classes(),
+            ignore_mismatched_sizes=True,
+        )
     if config.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     train_dataset = vtab.ImageSamples(train_samples, processor)
@@ -145,10 +170,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     title = f"{config.method} rank allocation, VTAB-1k {config.data.task} ({model_name(config.model.path)}, r={config.adapter.r})"
     describe = {"task": config.data.task, "protocol": config.data.protocol, "model": config.model.path}
-    metrics = train_and_evaluate(config, accelerator, model, None, train_dataset, eval_datasets, torch.utils.data.default_collate,
-                                 score, f"{eval_split}/accuracy", title, describe, num_workers=config.data.num_workers)
+    metrics = train_and_evaluate(
+        config,
+        accelerator,
+        model,
+        None,
+        train_dataset,
+        eval_datasets,
+        torch.utils.data.default_collate,
+        score,
+        f"{eval_split}/accuracy",
+        title,
+        describe,
+        num_workers=config.data.num_workers,
+    )
     if is_main:
-        print(f"VTAB-1k {config.data.task} {config.method}: {eval_split} accuracy {metrics['final'][f'{eval_split}/accuracy']:.4f}", flush=True)
+        print(
+            f"VTAB-1k {config.data.task} {config.method}: {eval_split} accuracy {metrics['final'][f'{eval_split}/accuracy']:.4f}",
+            flush=True,
+        )
     accelerator.end_training()
     return metrics
 

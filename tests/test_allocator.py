@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import TARGETS, make_tiny_llama
 
 import flexlora
 from flexlora import FlexLoRAConfig, RankAllocator
-
-from conftest import TARGETS, make_tiny_llama
 
 
 def setup(tokens, steps=3, **changes):
@@ -172,8 +171,9 @@ def test_allocation_refuses_non_finite_p_or_q_of_a_matrix_it_touches():
 def test_orthonormal_start_unit_expansions_and_an_unchanged_output(tokens):
     fresh = make_tiny_llama()
     before = fresh(tokens).logits
-    adapters = flexlora.inject(fresh, FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8,
-                                                     factor_init="orthonormal"))
+    adapters = flexlora.inject(
+        fresh, FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8, factor_init="orthonormal")
+    )
     assert torch.equal(fresh(tokens).logits, before)  # lambda = 0: the output is the base model's
     for layer in adapters.layers.values():  # every slot, active or not: P^T P = Q Q^T = I, so the regulariser is 0
         eye = torch.eye(layer.capacity)

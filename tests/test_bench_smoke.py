@@ -22,7 +22,11 @@ def run_bench(module: str, out: Path, *extra: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         [sys.executable, "-m", module, "--smoke", "--out", str(out), *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
@@ -116,8 +120,14 @@ def test_scaling_report(scaling):
 
 
 # ---- bench/quality.py: the sweep on MiniLM + a tiny random Llama, a few steps per run --------------------
-ROWS = ["FlexLoRA r=8 (cap 12), mean_norm", "FlexLoRA r=8 (cap 12), eq2_sum", "LoRA r=8", "AdaLoRA 12->8",
-        "LoRA r=12 (equal capacity)", "FlexLoRA, allocation frozen"]
+ROWS = [
+    "FlexLoRA r=8 (cap 12), mean_norm",
+    "FlexLoRA r=8 (cap 12), eq2_sum",
+    "LoRA r=8",
+    "AdaLoRA 12->8",
+    "LoRA r=12 (equal capacity)",
+    "FlexLoRA, allocation frozen",
+]
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +164,16 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     assert convergence[0]["of its seed mean"] == "-"  # one seed: no mean curve
     verdicts = table_with(report, "task", "FlexLoRA r=8 (cap 12) vs LoRA r=8")
     assert [row["task"].split(" (")[0] for row in verdicts] == ["STS-B pearson", "GLUE average"]
-    assert all(re.match(r"(\*\*better\*\*|\*\*worse\*\*|within noise|equal) \(", row["FlexLoRA r=8 (cap 12) vs LoRA r=8"])
-               for row in verdicts)
+    assert all(
+        re.match(r"(\*\*better\*\*|\*\*worse\*\*|within noise|equal) \(", row["FlexLoRA r=8 (cap 12) vs LoRA r=8"])
+        for row in verdicts
+    )
 
     allocation = {row["row"]: row for row in table_with(report, "task", "expansions pruned at the next step")}
     moved = allocation[ROWS[0]]
-    assert int(moved["rank moves per run"]) > 0 and re.fullmatch(r"\d+ / \d+", moved["expansions pruned at the next step"])
+    assert int(moved["rank moves per run"]) > 0 and re.fullmatch(
+        r"\d+ / \d+", moved["expansions pruned at the next step"]
+    )
     assert allocation["FlexLoRA, allocation frozen"]["rank moves per run"] == "0"
     assert all(1 <= number(moved[kind]) <= 12 for kind in "QKVAIO")
 
@@ -168,22 +182,35 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
 
     updates = {row["row"]: row for row in table_with(report, "task", "effective rank of dW")}
     assert set(updates) >= {ROWS[0], "LoRA r=8", "AdaLoRA 12->8"}
-    assert all(number(row["‖dW‖_F / ‖W‖_F, % (mean over matrices)"]) > 0 and 1 <= number(row["effective rank of dW"]) <= 12
-               for row in updates.values())
+    assert all(
+        number(row["‖dW‖_F / ‖W‖_F, % (mean over matrices)"]) > 0 and 1 <= number(row["effective rank of dW"]) <= 12
+        for row in updates.values()
+    )
 
     longer = table_with(report, "task", "longer schedule")
-    assert [(row["task"], row["row"]) for row in longer] == [("STS-B pearson", label) for label in (ROWS[0], "LoRA r=8", "AdaLoRA 12->8")]
+    assert [(row["task"], row["row"]) for row in longer] == [
+        ("STS-B pearson", label) for label in (ROWS[0], "LoRA r=8", "AdaLoRA 12->8")
+    ]
     assert all(row["seeds finished at both lengths"] == "1 of 1" for row in longer)
     assert longer[0]["standard schedule"].endswith("(4 steps)") and longer[0]["longer schedule"].endswith("(8 steps)")
     assert re.fullmatch(r"[+-]\d+\.\d", longer[0]["change (points)"])
     # the verdicts again, every task at the longest schedule all verdict rows ran: here STS-B at 2x
     at_longer = report.split("## Did FlexLoRA win at the longer schedule?")[1].split("\n## ")[0]
-    assert [row["row"] for row in table_with(at_longer, "row", "STS-B pearson")] == [ROWS[0], "LoRA r=8", "AdaLoRA 12->8"]
+    assert [row["row"] for row in table_with(at_longer, "row", "STS-B pearson")] == [
+        ROWS[0],
+        "LoRA r=8",
+        "AdaLoRA 12->8",
+    ]
     verdicts = table_with(at_longer, "task", "FlexLoRA r=8 (cap 12) vs AdaLoRA 12->8")
     assert [row["task"].split(" (not")[0] for row in verdicts] == ["STS-B pearson (2x steps)", "GLUE average"]
 
     commonsense = table_with(report, "method", "BoolQ")
-    assert [row["method"] for row in commonsense] == ["lora", "adalora", "flexlora", "always the most common gold answer"]
+    assert [row["method"] for row in commonsense] == [
+        "lora",
+        "adalora",
+        "flexlora",
+        "always the most common gold answer",
+    ]
     assert all(0 <= number(row[c]) <= 100 for row in commonsense for c in ("BoolQ", "OBQA", "avg"))
     assert all(re.fullmatch(r"[0-8] of 8", row["tasks above the constant answer"]) for row in commonsense[:3])
     assert re.search(r"- `glue-stsb-lora-lr1x-s0`: 2:-?\d+\.\d 4:-?\d+\.\d", report)  # the curve of every run
@@ -219,9 +246,16 @@ def test_paper_schedule_smoke_scores_every_epoch_and_reports_final_and_best(tmp_
 
     if torch.cuda.is_available():
         return
-    refused = subprocess.run([sys.executable, "-m", "bench.quality", "--paper", "--out", str(tmp_path)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and re.search(r"its 72 runs would take about \d+ h .* or add --force", refused.stderr)
+    refused = subprocess.run(
+        [sys.executable, "-m", "bench.quality", "--paper", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and re.search(
+        r"its 72 runs would take about \d+ h .* or add --force", refused.stderr
+    )
 
 
 def test_quality_sweep_resumes_instead_of_rerunning(quality):
@@ -278,40 +312,66 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     assert len(runs) == 3 * 4 + 3 * 4 * 2 + 3 * 2 and len(waiting) == 7 + 3
     # the sweep picks x 2 for FlexLoRA (its seed-0 STS-B run is reused), x 0.5 for LoRA and AdaLoRA; each switch by
     # the mean of its two seeds: x 4 wins for "lambda lr auto" (0.75, 0.75) over x 1 (0.9 and a divergence)
-    picked = {"lora": 0.5, "adalora": 0.5, "flexlora": 2.0, "FlexLoRA, orthonormal start": 1.0,
-              "FlexLoRA, lambda lr auto": 4.0, "FlexLoRA, orthonormal start + lambda lr auto": 0.5}
-    results = {run.id: {"status": "ok", "args": list(run.args),
-                        "scores": {"pearson": 0.8 if run.lr_multiple == picked[key] else 0.7}}
-               for key, sweep in sweep_runs(profile).items() for run in sweep}
+    picked = {
+        "lora": 0.5,
+        "adalora": 0.5,
+        "flexlora": 2.0,
+        "FlexLoRA, orthonormal start": 1.0,
+        "FlexLoRA, lambda lr auto": 4.0,
+        "FlexLoRA, orthonormal start + lambda lr auto": 0.5,
+    }
+    results = {
+        run.id: {
+            "status": "ok",
+            "args": list(run.args),
+            "scores": {"pearson": 0.8 if run.lr_multiple == picked[key] else 0.7},
+        }
+        for key, sweep in sweep_runs(profile).items()
+        for run in sweep
+    }
     auto = {run.lr_multiple: run for run in sweep_runs(profile)["FlexLoRA, lambda lr auto"] if run.seed == 1}
     results[auto[1.0].id] = {"status": "diverged", "args": list(auto[1.0].args)}
     results[auto[1.0].id.replace("-s1", "-s0")]["scores"]["pearson"] = 0.9
     assert best_multiples(profile, results) == picked
-    assert not best_multiples(profile, {k: v for k, v in results.items() if k != auto[4.0].id}).get("FlexLoRA, lambda lr auto")
+    assert not best_multiples(profile, {k: v for k, v in results.items() if k != auto[4.0].id}).get(
+        "FlexLoRA, lambda lr auto"
+    )
     runs, tables, waiting = plan(profile, results)
     assert not waiting and len(runs) == len({run.id for run in runs})
     flex = tables["methods"][("FlexLoRA r=8 (cap 12), mean_norm", "stsb")]
     assert flex[0] == "glue-stsb-flexlora-lr2x-s0" and len(flex) == 3  # seed 0 is the sweep's run
     eq2 = next(run for run in runs if run.id == "glue-cola-flexlora-orth_regeq2_sum-lr2x-s1")
-    assert {"adapter.orth_reg=eq2_sum", "train.seed=1", "adapter.seed=1", "train.lr=0.0016"} <= set(eq2.args)  # 2 x 8e-4
+    assert {"adapter.orth_reg=eq2_sum", "train.seed=1", "adapter.seed=1", "train.lr=0.0016"} <= set(
+        eq2.args
+    )  # 2 x 8e-4
     lora12 = next(run for run in runs if run.id == "glue-mrpc-lora-r12-lr0.5x-s0")
     assert {"adapter.r=12", "train.lr=0.0005", "train.batch_size=32", "train.max_steps=348"} <= set(lora12.args)
     # twice the steps, the allocation schedule along, scored as often: 24 scores instead of 12
     longer = next(run for run in runs if run.id == "glue-mrpc-lora-steps2x-lr0.5x-s0")
-    assert {"train.max_steps=696", "eval.every_n_steps=29", "adapter.t_warmup=139", "adapter.t_final=139",
-            "adapter.delta_t=28", "train.seed=0"} <= set(longer.args)
+    assert {
+        "train.max_steps=696",
+        "eval.every_n_steps=29",
+        "adapter.t_warmup=139",
+        "adapter.t_final=139",
+        "adapter.delta_t=28",
+        "train.seed=0",
+    } <= set(longer.args)
     # 12 + 24 sweep + 6 commonsense + 3 tasks x (5 rows x 3 seeds + 2 single) - 3 sweep runs reused
     # + 3 switches x 3 tasks x 3 seeds - 3 x 2 sweep runs reused (STS-B, seeds 0 and 1 at the chosen lr)
     # + (3 verdict rows + 3 switches) x 3 tasks x 3 seeds at twice the steps
     assert len(runs) == 12 + 24 + 6 + 3 * 17 - 3 + 27 - 6 + 54
-    switch = next(run for run in runs if run.id == "glue-cola-flexlora-factor_initorthonormal-lambda_lr_multiplierauto-lr0.5x-s2")
+    switch = next(
+        run for run in runs if run.id == "glue-cola-flexlora-factor_initorthonormal-lambda_lr_multiplierauto-lr0.5x-s2"
+    )
     assert {"adapter.factor_init=orthonormal", "train.lambda_lr_multiplier=auto", "train.lr=0.0004"} <= set(switch.args)
     # start order: lr sweeps, the rows the verdicts compare, the early switch, commonsense, then the other switches
     from bench.quality_runner import start_order
 
     order = start_order(profile, tables)
     assert order["glue-stsb-lora-lr0.5x-s0"] == 0 and order["glue-mrpc-flexlora-lr2x-s2"] == 1
-    assert order["glue-cola-lora-r12-lr0.5x-s0"] == 1 and order["glue-cola-flexlora-lambda_lr_multiplier10-lr2x-s1"] == 2
+    assert (
+        order["glue-cola-lora-r12-lr0.5x-s0"] == 1 and order["glue-cola-flexlora-lambda_lr_multiplier10-lr2x-s1"] == 2
+    )
     assert order["cr-flexlora-s1"] == 3 and order["glue-cola-flexlora-steps2x-lr2x-s0"] == 4
     assert "glue-cola-flexlora-orth_regeq2_sum-lr2x-s0" not in order  # last: after every group
 
@@ -321,16 +381,23 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     from bench.quality_report import constant_answer_shares
 
     (tmp_path / "data" / "boolq").mkdir(parents=True)
-    rows = [{"instruction": "q", "input": "", "output": f"the correct answer is {a}", "answer": a}
-            for a in ("true", "false", "false", "true", "true")]
+    rows = [
+        {"instruction": "q", "input": "", "output": f"the correct answer is {a}", "answer": a}
+        for a in ("true", "false", "false", "true", "true")
+    ]
     (tmp_path / "data" / "boolq" / "dev.json").write_text(json.dumps(rows))
-    shares = constant_answer_shares(replace(profile, cr_overrides={"eval.data_dir": str(tmp_path / "data"), "eval.limit": 3}))
+    shares = constant_answer_shares(
+        replace(profile, cr_overrides={"eval.data_dir": str(tmp_path / "data"), "eval.limit": 3})
+    )
     assert shares == {"boolq": pytest.approx(2 / 3)}  # false, false of true, false, false; no other task's file there
 
     history = [  # expand at 10, pruned again at the next allocation step (20); the other expansion survives
-        {"step": 10, "module": "a.q_proj", "action": "expand"}, {"step": 10, "module": "a.v_proj", "action": "prune"},
-        {"step": 10, "module": "b.q_proj", "action": "expand"}, {"step": 10, "module": "b.v_proj", "action": "prune"},
-        {"step": 20, "module": "a.q_proj", "action": "prune"}, {"step": 20, "module": "b.v_proj", "action": "expand"},
+        {"step": 10, "module": "a.q_proj", "action": "expand"},
+        {"step": 10, "module": "a.v_proj", "action": "prune"},
+        {"step": 10, "module": "b.q_proj", "action": "expand"},
+        {"step": 10, "module": "b.v_proj", "action": "prune"},
+        {"step": 20, "module": "a.q_proj", "action": "prune"},
+        {"step": 20, "module": "b.v_proj", "action": "expand"},
     ]
     out = tmp_path
     (out / "allocation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
@@ -346,7 +413,10 @@ def test_llama3_8b_slice_has_llama3_8b_shapes():
     model = llama3_8b_slice(3, "meta")
     assert len(model.model.layers) == 3
     assert sum(p.numel() for p in model.model.layers[0].parameters()) == 218_112_000  # one LLaMA3-8B decoder layer
-    assert tuple(model.lm_head.weight.shape) == (128256, 4096) and model.lm_head.weight is not model.model.embed_tokens.weight
+    assert (
+        tuple(model.lm_head.weight.shape) == (128256, 4096)
+        and model.lm_head.weight is not model.model.embed_tokens.weight
+    )
     assert set(target_shapes(model).values()) == {(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)}
     assert model.config.rope_parameters["rope_theta"] == 500000.0 and model.config.num_key_value_heads == 8
 
@@ -354,7 +424,7 @@ def test_llama3_8b_slice_has_llama3_8b_shapes():
 def test_comm_volume_multinode_rows_keep_the_hsdp_gather_within_a_node():
     """bench/comm_volume.py's HSDP rows: the lambda all-gather spans one node's GPUs and receives nothing from other
     nodes; plain FSDP2 spans every GPU. The model sizes behind the per-step column are LLaMA3's."""
-    from bench.comm_volume import LLAMA3_70B, LLAMA3_8B, base_parameters, multinode_row
+    from bench.comm_volume import LLAMA3_8B, LLAMA3_70B, base_parameters, multinode_row
     from flexlora.distributed import lambda_gather_payload
 
     assert round(base_parameters(LLAMA3_8B) / 1e9, 2) == 8.03 and round(base_parameters(LLAMA3_70B) / 1e9, 1) == 70.6

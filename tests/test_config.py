@@ -120,10 +120,17 @@ def test_inject_checks_a_target_regex_changed_after_construction():
         flexlora.inject(_linears((8, 8)), config)
 
 
-@pytest.mark.parametrize("mode, b0, matrices, allowed", [
-    ("flex", 2, 4, True), ("flex", 3, 4, False), ("flex", 1, 1, False), ("flex", 0, 1, True),
-    ("prune_only", 3, 3, True), ("expand_only", 4, 3, False),
-])
+@pytest.mark.parametrize(
+    "mode, b0, matrices, allowed",
+    [
+        ("flex", 2, 4, True),
+        ("flex", 3, 4, False),
+        ("flex", 1, 1, False),
+        ("flex", 0, 1, True),
+        ("prune_only", 3, 3, True),
+        ("expand_only", 4, 3, False),
+    ],
+)
 def test_allocator_refuses_a_b0_no_step_can_honour(mode, b0, matrices, allowed):
     import flexlora
 

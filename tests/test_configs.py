@@ -40,12 +40,30 @@ def test_every_config_loads_and_validates(recipe, path):
 def test_llama3_configs_use_the_paper_hyperparameters(recipe, rank):
     path = REPO / "recipes" / "configs" / f"llama3_8b_cr_r{rank}.yaml"
     header = path.read_text().splitlines()[1]
-    assert header.strip() == f"#   accelerate launch --config_file accelerate_configs/fsdp2.yaml recipes/llama3_cr.py --config recipes/configs/llama3_8b_cr_r{rank}.yaml"
+    assert (
+        header.strip()
+        == f"#   accelerate launch --config_file accelerate_configs/fsdp2.yaml recipes/llama3_cr.py --config recipes/configs/llama3_8b_cr_r{rank}.yaml"
+    )
     c = load_config(recipe.RecipeConfig, path)
     a, t = c.adapter, c.train
-    assert (a.r, a.lora_alpha, a.lora_dropout, a.b0, a.t_warmup, a.t_final, a.delta_t) == (rank, 16, 0.05, 4, 5000, 5000, 1000)
+    assert (a.r, a.lora_alpha, a.lora_dropout, a.b0, a.t_warmup, a.t_final, a.delta_t) == (
+        rank,
+        16,
+        0.05,
+        4,
+        5000,
+        5000,
+        1000,
+    )
     assert a.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-    assert (t.lr, t.lr_scheduler, t.batch_size, t.warmup_steps, t.epochs, t.max_steps) == (3e-4, "linear", 16, 100, 3, None)
+    assert (t.lr, t.lr_scheduler, t.batch_size, t.warmup_steps, t.epochs, t.max_steps) == (
+        3e-4,
+        "linear",
+        16,
+        100,
+        3,
+        None,
+    )
     assert c.data.cutoff_len == 256
     assert c.model.path == "meta-llama/Meta-Llama-3-8B"
 
@@ -55,7 +73,14 @@ def test_overrides_are_typed_and_nested(recipe):
     c = load_config(
         recipe.RecipeConfig,
         path,
-        ["method=lora", "train.lr=1e-4", "adapter.r=32", "adapter.target_modules=[q_proj,v_proj]", "eval.limit=null", "data.max_samples=100"],
+        [
+            "method=lora",
+            "train.lr=1e-4",
+            "adapter.r=32",
+            "adapter.target_modules=[q_proj,v_proj]",
+            "eval.limit=null",
+            "data.max_samples=100",
+        ],
     )
     assert c.method == "lora" and c.output_dir == "outputs/llama3_8b_cr_r8-lora"
     assert c.train.lr == 1e-4  # yaml reads "1e-4" as a string; the float field takes it
@@ -110,8 +135,14 @@ def _run_recipe(script: str, *args: str):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, f"recipes/{script}.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, f"recipes/{script}.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 @pytest.mark.parametrize("script", ["llama3_cr", "deberta_glue", "vit_vtab"])
@@ -126,4 +157,8 @@ def test_recipe_help_lists_the_config_keys(script):
 def test_a_user_error_is_one_line_and_exit_status_2():
     bad = _run_recipe("llama3_cr", "--config", "recipes/configs/quickstart.yaml", "train.lr=fast")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
-    assert bad.stderr.strip().startswith("error: ") and "train.lr" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert (
+        bad.stderr.strip().startswith("error: ")
+        and "train.lr" in bad.stderr
+        and len(bad.stderr.strip().splitlines()) == 1
+    )

@@ -91,7 +91,14 @@ def _row(**changes):
 
 
 def test_bad_rows_are_reported_by_index_and_never_dropped():
-    rows = [_row(), {k: v for k, v in _row().items() if k != "output"}, _row(), _row(output="  "), _row(answer=3), "text"]
+    rows = [
+        _row(),
+        {k: v for k, v in _row().items() if k != "output"},
+        _row(),
+        _row(output="  "),
+        _row(answer=3),
+        "text",
+    ]
     with pytest.raises(ValueError) as error:
         validate_rows(rows, "train.json")
     message = str(error.value)
@@ -226,7 +233,9 @@ def test_rows_whose_response_is_cut_away_are_counted_dropped_and_logged(caplog):
     assert len(all_kept) == 2 and all_kept.without_response == 1  # trains on its prompt, but it is reported
     assert "1 of 2 rows lost their whole response" in caplog.text
     for train_on_inputs in (False, True):  # no response left anywhere: refused (NaN loss / nothing to learn)
-        with pytest.raises(DataError, match=r"d.json: no row keeps any of its response .*2 of 2 rows truncated, 2 with no"):
+        with pytest.raises(
+            DataError, match=r"d.json: no row keeps any of its response .*2 of 2 rows truncated, 2 with no"
+        ):
             tokenize_rows([long, long], _CharTokenizer(), 20, train_on_inputs=train_on_inputs, source="d.json")
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 from flexlora import distributed as fl_dist
@@ -47,7 +46,11 @@ SHARD_GROUP = 2  # processes one lambda all-gather spans: the world under FSDP2 
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     return env
 
@@ -81,8 +84,16 @@ def _launch(commands: list[list[str]], out: Path, port: int | None = None, env: 
         log = open(out / f"launch{index}.log", "w")
         logs.append(log)
         # Own session: on a timeout the launcher and the workers it spawned are killed together.
-        procs.append(subprocess.Popen(command, cwd=REPO, env={**_env(), **(env or {})}, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                command,
+                cwd=REPO,
+                env={**_env(), **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     try:
         for proc in procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -96,7 +107,9 @@ def _launch(commands: list[list[str]], out: Path, port: int | None = None, env: 
             log.close()
     failed = [i for i, proc in enumerate(procs) if proc.returncode != 0]
     if failed:
-        tails = "\n".join(f"--- {out}/launch{i}.log ---\n" + (out / f"launch{i}.log").read_text()[-4000:] for i in failed)
+        tails = "\n".join(
+            f"--- {out}/launch{i}.log ---\n" + (out / f"launch{i}.log").read_text()[-4000:] for i in failed
+        )
         raise RuntimeError(f"launch failed (return codes {[p.returncode for p in procs]}):\n{tails}")
     return out
 
@@ -126,9 +139,20 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             port = _free_port()
             machines = [
                 _accelerate(
-                    f"cpu_{engine}.yaml", "--num_machines", "2", "--num_processes", str(WORLD.get(engine, 2)),
-                    "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-                    "--rdzv_backend", "c10d", *_worker(engine, out),
+                    f"cpu_{engine}.yaml",
+                    "--num_machines",
+                    "2",
+                    "--num_processes",
+                    str(WORLD.get(engine, 2)),
+                    "--machine_rank",
+                    str(rank),
+                    "--main_process_ip",
+                    "127.0.0.1",
+                    "--main_process_port",
+                    str(port),
+                    "--rdzv_backend",
+                    "c10d",
+                    *_worker(engine, out),
                 )
                 for rank in (0, 1)
             ]
@@ -245,7 +269,9 @@ def test_fsdp2_save_resumes_with_one_process(runs):
     assert resumed["masks"] == own["masks"]
     assert _without_scores(resumed["history"]) == _without_scores(own["history"])
     assert any(c["step"] > 5 for c in resumed["history"]), "no allocation step after the resume"
-    difference = _max_difference(torch.load(single / "resume_sharded_adapter.pt"), torch.load(single / "resume_self_adapter.pt"))
+    difference = _max_difference(
+        torch.load(single / "resume_sharded_adapter.pt"), torch.load(single / "resume_self_adapter.pt")
+    )
     assert difference <= TOLERANCE
 
 
@@ -259,15 +285,30 @@ def sharded_loading_run(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("sharded_loading")
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=24,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=24,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(base / "model")  # 290 MiB in fp32: its size shows in a process's memory
     tokenizer.save_pretrained(base / "model")
     out = base / "runs"
     worker = [str(SHARDED_LOADING_WORKER), "--model", str(base / "model"), "--out", str(out)]
-    sharded = _accelerate("cpu_fsdp2.yaml", "--main_process_port", str(_free_port()),
-                          "--fsdp_cpu_ram_efficient_loading", "true", *worker, "--name", "sharded")
+    sharded = _accelerate(
+        "cpu_fsdp2.yaml",
+        "--main_process_port",
+        str(_free_port()),
+        "--fsdp_cpu_ram_efficient_loading",
+        "true",
+        *worker,
+        "--name",
+        "sharded",
+    )
     plain = _accelerate("cpu_fsdp2.yaml", "--main_process_port", str(_free_port()), *worker, "--name", "plain")
     # glibc keeps freed heap memory mapped, which would count every parameter's broadcast buffer, freed after use, in
     # the resident set; served by mmap, large buffers go back to the system when freed (on GPUs they are GPU memory).
@@ -281,8 +322,11 @@ def test_sharded_loading_reads_the_checkpoint_once_and_trains_as_plain_loading(s
     # rank 1 under sharded loading read no weights
     assert [r["built_without_weights"] for r in sharded + plain] == [False, True, False, False]
     # After prepare the adapters are identical on both processes and to plain loading's: seeded P, Q, lambda 0, masks.
-    initial = {(name, rank): torch.load(run / f"{name}_initial_rank{rank}.pt")
-               for name in ("sharded", "plain") for rank in (0, 1)}
+    initial = {
+        (name, rank): torch.load(run / f"{name}_initial_rank{rank}.pt")
+        for name in ("sharded", "plain")
+        for rank in (0, 1)
+    }
     reference = initial["plain", 0]
     for which, state in initial.items():
         assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference), which
@@ -295,8 +339,10 @@ def test_sharded_loading_reads_the_checkpoint_once_and_trains_as_plain_loading(s
     # The non-main process never holds the whole model: its own half of the shards, one parameter in transit, FSDP2's
     # padded copies; after plain loading it holds the model and its shards.
     model_mib = sharded[1]["model_mib"]
-    growth = {name: records[1]["rss_mib"]["after_prepare"] - records[1]["rss_mib"]["before_loading"]
-              for name, records in (("sharded", sharded), ("plain", plain))}
+    growth = {
+        name: records[1]["rss_mib"]["after_prepare"] - records[1]["rss_mib"]["before_loading"]
+        for name, records in (("sharded", sharded), ("plain", plain))
+    }
     assert growth["sharded"] < 0.75 * model_mib and growth["plain"] > model_mib, (growth, model_mib)
 
 
@@ -353,10 +399,17 @@ def test_allocator_refuses_adapters_split_by_a_tensor_parallel_mesh(tmp_path, ti
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("layout, config, mesh", [
-    ("fsdp2", "fsdp2_multinode.yaml", ""),
-    ("hsdp", "hsdp_multinode.yaml", "--parallelism_config_dp_replicate_size 2 --parallelism_config_dp_shard_size 8"),
-])
+@pytest.mark.parametrize(
+    "layout, config, mesh",
+    [
+        ("fsdp2", "fsdp2_multinode.yaml", ""),
+        (
+            "hsdp",
+            "hsdp_multinode.yaml",
+            "--parallelism_config_dp_replicate_size 2 --parallelism_config_dp_shard_size 8",
+        ),
+    ],
+)
 def test_slurm_launcher_layouts(tmp_path, layout, config, mesh):
     """launch/slurm_multinode.sbatch under stand-ins for srun / scontrol / accelerate: LAYOUT=hsdp launches
     hsdp_multinode.yaml with a nodes x GPUs-per-node mesh; a LAYOUT it does not know ends it with status 2."""
@@ -366,20 +419,28 @@ def test_slurm_launcher_layouts(tmp_path, layout, config, mesh):
         "scontrol": "echo node0; echo node1",
         # the head node's address, or one node's task: skip srun's options up to the command, run it as node 0
         "srun": 'case "$*" in *hostname*) echo 10.0.0.1;; *) while [ "$1" != bash ]; do shift; done; '
-                'SLURM_NODEID=0 exec "$@";; esac',
+        'SLURM_NODEID=0 exec "$@";; esac',
         "accelerate": f'echo "$@" > {tmp_path / "accelerate_args"}',
     }
     for name, body in stand_ins.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "node[0-1]", "GPUS_PER_NODE": "8", "LAYOUT": layout}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node[0-1]",
+        "GPUS_PER_NODE": "8",
+        "LAYOUT": layout,
+    }
     command = ["bash", str(REPO / "launch" / "slurm_multinode.sbatch"), "recipes/llama3_cr.py", "--config", "c.yaml"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    expected = (f"launch --config_file accelerate_configs/{config} --num_machines 2 --num_processes 16 "
-                f"--machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 --rdzv_backend c10d {mesh} "
-                "recipes/llama3_cr.py --config c.yaml")
+    expected = (
+        f"launch --config_file accelerate_configs/{config} --num_machines 2 --num_processes 16 "
+        f"--machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 --rdzv_backend c10d {mesh} "
+        "recipes/llama3_cr.py --config c.yaml"
+    )
     assert (tmp_path / "accelerate_args").read_text().split() == expected.split()
     refused = subprocess.run(command, cwd=REPO, env={**env, "LAYOUT": "tp"}, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "unknown LAYOUT=tp" in refused.stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import build_tiny_model_dir
 
 from eval.commonsense import main
 from flexlora.recipe_kit.data.commonsense import evaluation_prompt, synthetic_rows
@@ -20,8 +21,6 @@ from flexlora.recipe_kit.scoring import (
     llm_adapters_task_config,
     plan_tasks,
 )
-
-from tiny_models import build_tiny_model_dir
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 
@@ -77,7 +76,10 @@ def test_local_files_are_checked_row_by_row(tmp_path):
     rows[2]["answer"] = "maybe"
     (tmp_path / "boolq").mkdir()
     (tmp_path / "boolq" / "dev.json").write_text(json.dumps(rows))
-    with pytest.raises(ValueError, match=r"1 row\(s\) have answers that boolq's pattern 'true\|false' cannot extract: row 2: answer 'maybe'"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 row\(s\) have answers that boolq's pattern 'true\|false' cannot extract: row 2: answer 'maybe'",
+    ):
         plan_tasks(EvalConfig(tasks=["boolq"]), tmp_path)
     with pytest.raises(FileNotFoundError, match="no dev file for task piqa"):
         plan_tasks(EvalConfig(tasks=["piqa"]), tmp_path)
@@ -121,8 +123,12 @@ def test_lm_eval_pipeline_prompt_generation_and_exact_match(tiny_model_dir):
     # What lm-eval actually sent and got back, item by item.
     spec = llm_adapters_task_config("boolq", SHARED / "boolq" / "dev.json", max_new_tokens=3)
     out = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=[spec], limit=2,
-        task_manager=TaskManager(include_defaults=False), log_samples=True, bootstrap_iters=0,
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4),
+        tasks=[spec],
+        limit=2,
+        task_manager=TaskManager(include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
     )
     for sample in out["samples"][spec["task"]]:
         doc = sample["doc"]
@@ -134,11 +140,14 @@ def test_lm_eval_pipeline_prompt_generation_and_exact_match(tiny_model_dir):
 
 def _trained_flexlora(model_dir: Path):
     """A FlexLoRA adapter with non-zero lambda, so that it changes the model's outputs."""
-    import flexlora
     from transformers import AutoModelForCausalLM
 
+    import flexlora
+
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = flexlora.FlexLoRAConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, lora_alpha=4, total_steps=10)
+    config = flexlora.FlexLoRAConfig(
+        target_modules=["q_proj", "v_proj", "down_proj"], r=2, lora_alpha=4, total_steps=10
+    )
     adapters = flexlora.inject(model, config)
     with torch.no_grad():
         for layer in adapters.layers.values():
@@ -147,8 +156,9 @@ def _trained_flexlora(model_dir: Path):
 
 
 def test_saved_adapters_are_scored_through_the_cli(tiny_model_dir, tmp_path):
-    import flexlora
     from transformers import AutoModelForCausalLM
+
+    import flexlora
 
     model, adapters = _trained_flexlora(tiny_model_dir)
     flexlora.save_adapters(adapters, tmp_path / "native")
@@ -160,7 +170,9 @@ def test_saved_adapters_are_scored_through_the_cli(tiny_model_dir, tmp_path):
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
         assert not torch.allclose(expected, base, atol=1e-4)
         for folder, label in (("native", "FlexLoRA r=2"), ("peft", "LoRA r=2")):
-            loaded, method, params = attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / folder)
+            loaded, method, params = attach_adapter(
+                AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / folder
+            )
             assert method == label and params > 0
             torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-4, rtol=1e-4)
 
@@ -171,8 +183,25 @@ def test_saved_adapters_are_scored_through_the_cli(tiny_model_dir, tmp_path):
     reports = {}
     for folder in ("native", "peft"):
         report = tmp_path / f"{folder}.json"
-        main(["--base", str(tiny_model_dir), "--adapter", str(tmp_path / folder), "--data-dir", str(data), "--tasks",
-              "synthetic_truefalse", "synthetic_choice", "--limit", "2", "--max-new-tokens", "3", "--output", str(report)])
+        main(
+            [
+                "--base",
+                str(tiny_model_dir),
+                "--adapter",
+                str(tmp_path / folder),
+                "--data-dir",
+                str(data),
+                "--tasks",
+                "synthetic_truefalse",
+                "synthetic_choice",
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "3",
+                "--output",
+                str(report),
+            ]
+        )
         reports[folder] = json.loads(report.read_text())
     for folder, report in reports.items():
         results = report["results"]["llm-adapters"]
@@ -187,10 +216,19 @@ def test_saved_adapters_are_scored_through_the_cli(tiny_model_dir, tmp_path):
 
 def test_table_has_the_paper_layout():
     results = {
-        "llm-adapters": {t: {"accuracy": 0.5 + i / 100, "n": 20} for i, t in enumerate(ANSWER_PATTERNS) if not t.startswith("synthetic")},
+        "llm-adapters": {
+            t: {"accuracy": 0.5 + i / 100, "n": 20}
+            for i, t in enumerate(ANSWER_PATTERNS)
+            if not t.startswith("synthetic")
+        },
         "lm-eval": {"boolq": {"accuracy": 0.75, "n": 20}},
     }
     table = format_table(results, "Llama-3-8B", "FlexLoRA r=8", 21_200_000).splitlines()
-    assert table[0] == "| Model | Method | Param. | BoolQ | PIQA | SIQA | HellaS. | WinoG. | ARC-e | ARC-c | OBQA | Avg. |"
-    assert table[2] == "| Llama-3-8B | FlexLoRA r=8 [llm-adapters, n=20] | 21.2M | 50.0 | 51.0 | 52.0 | 56.0 | 57.0 | 54.0 | 53.0 | 55.0 | 53.5 |"
+    assert (
+        table[0] == "| Model | Method | Param. | BoolQ | PIQA | SIQA | HellaS. | WinoG. | ARC-e | ARC-c | OBQA | Avg. |"
+    )
+    assert (
+        table[2]
+        == "| Llama-3-8B | FlexLoRA r=8 [llm-adapters, n=20] | 21.2M | 50.0 | 51.0 | 52.0 | 56.0 | 57.0 | 54.0 | 53.0 | 55.0 | 53.5 |"
+    )
     assert table[3] == "| Llama-3-8B | FlexLoRA r=8 [lm-eval, n=20] | 21.2M | 75.0 | - | - | - | - | - | - | - | 75.0 |"

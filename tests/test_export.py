@@ -2,12 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import TARGETS, make_tiny_llama
 from peft import PeftModel
 
 import flexlora
 from flexlora import FlexLoRAConfig, RankAllocator
-
-from conftest import TARGETS, make_tiny_llama
 
 
 def trained_adapters(tokens, **changes):

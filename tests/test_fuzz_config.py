@@ -388,15 +388,24 @@ FILES = [  # (id, content: bytes, or a function of the recipe's shipped yaml tex
     ("shipped_latin1_comment", lambda text: ("# r\u00e9sum\u00e9\n" + text).encode("latin-1"), ("not UTF-8",)),
     ("shipped_cut_list", lambda text: text.replace("]", "", 1).encode(), ("not valid yaml",)),
     ("shipped_tab", lambda text: text.replace("\n  ", "\n\t", 1).encode(), ("not valid yaml",)),
-    ("shipped_alpha_inf", lambda text: text.replace("lora_alpha: 16", "lora_alpha: .inf", 1).encode(),
-     ("adapter.lora_alpha", "finite")),
-    ("shipped_rank_list", lambda text: text.replace("  r: 8", "  r: [8]", 1).encode(), ("adapter.r: expected an integer",)),
+    (
+        "shipped_alpha_inf",
+        lambda text: text.replace("lora_alpha: 16", "lora_alpha: .inf", 1).encode(),
+        ("adapter.lora_alpha", "finite"),
+    ),
+    (
+        "shipped_rank_list",
+        lambda text: text.replace("  r: 8", "  r: [8]", 1).encode(),
+        ("adapter.r: expected an integer",),
+    ),
 ]
 
 
 def _cases() -> list[Case]:
-    cases = [Case(f"flexlora-{i}-{'-'.join(f'{k}={v!r}' for k, v in changes.items())}", "flexlora", changes, expected)
-             for i, (changes, expected) in enumerate(FLEXLORA)]
+    cases = [
+        Case(f"flexlora-{i}-{'-'.join(f'{k}={v!r}' for k, v in changes.items())}", "flexlora", changes, expected)
+        for i, (changes, expected) in enumerate(FLEXLORA)
+    ]
     cases += [Case(f"later-{i}", "later", (start, later), expected) for i, (start, later, expected) in enumerate(LATER)]
     for recipe in RECIPES:
         for override, expected in SHARED_OVERRIDES + RECIPE_OVERRIDES[recipe]:

@@ -69,7 +69,9 @@ def _write(tmp_path, name, text):
 
 
 def test_wrong_field_count_names_file_and_line(tmp_path):
-    path = _write(tmp_path, "train.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta b\tnot_entailment\n")
+    path = _write(
+        tmp_path, "train.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta b\tnot_entailment\n"
+    )
     with pytest.raises(ValueError, match=rf"{path}:3: 3 tab-separated field\(s\), expected 4"):
         glue.read_glue_tsv(path, "rte")
 
@@ -82,7 +84,9 @@ def test_unknown_label_names_file_and_line(tmp_path):
 
 def test_non_numeric_score_names_file_and_line(tmp_path):
     header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-    path = _write(tmp_path, "train.tsv", header + "0\tg\tf\t2012\t1\tn\tn\ta\tb\t4.2\n1\tg\tf\t2012\t2\tn\tn\ta\tb\thigh\n")
+    path = _write(
+        tmp_path, "train.tsv", header + "0\tg\tf\t2012\t1\tn\tn\ta\tb\t4.2\n1\tg\tf\t2012\t2\tn\tn\ta\tb\thigh\n"
+    )
     with pytest.raises(ValueError, match=rf"{path}:3: score 'high' is not a number"):
         glue.read_glue_tsv(path, "stsb")
 
@@ -109,7 +113,9 @@ def test_mnli_reads_both_dev_sets(tmp_path):
     _write(folder, "train.tsv", columns + "0\t1\t1\tg\tx\tx\tx\tx\tp\th\tneutral\tneutral\n")
     dev_columns = columns.replace("label1\t", "label1\tlabel2\t")
     _write(folder, "dev_matched.tsv", dev_columns + "0\t1\t1\tg\tx\tx\tx\tx\tp\th\tneutral\tneutral\tcontradiction\n")
-    _write(folder, "dev_mismatched.tsv", dev_columns + "0\t1\t1\tg\tx\tx\tx\tx\tp\th\tneutral\tentailment\tentailment\n")
+    _write(
+        folder, "dev_mismatched.tsv", dev_columns + "0\t1\t1\tg\tx\tx\tx\tx\tp\th\tneutral\tentailment\tentailment\n"
+    )
     splits = glue.load_glue_local("mnli", tmp_path)
     assert set(splits) == {"train", "matched", "mismatched"}
     assert (splits["train"].labels, splits["matched"].labels, splits["mismatched"].labels) == ([1], [2], [0])
@@ -168,7 +174,11 @@ def test_correlation_metrics_by_hand():
 def test_task_metrics_and_predictions():
     assert glue.glue_metrics("cola", [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]) == {"matthews_correlation": pytest.approx(1 / 6)}
     mrpc = glue.glue_metrics("mrpc", [1, 1, 0, 0, 1], [1, 0, 0, 1, 1])
-    assert mrpc == {"accuracy": pytest.approx(0.6), "f1": pytest.approx(2 / 3), "combined_score": pytest.approx((0.6 + 2 / 3) / 2)}
+    assert mrpc == {
+        "accuracy": pytest.approx(0.6),
+        "f1": pytest.approx(2 / 3),
+        "combined_score": pytest.approx((0.6 + 2 / 3) / 2),
+    }
     stsb = glue.glue_metrics("stsb", [1, 2, 2, 3], [1, 3, 2, 4])
     assert stsb["combined_score"] == pytest.approx((stsb["pearson"] + stsb["spearman"]) / 2)
     assert set(glue.glue_metrics("rte", [0, 1], [0, 0])) == {"accuracy"}
@@ -183,8 +193,19 @@ def test_task_metrics_and_predictions():
 
 
 # ---- the recipe end to end -------------------------------------------------------------------------------
-OUTPUT_FILES = ["config.yaml", "adapter", "peft/adapter_config.json", "peft/adapter_model.safetensors", "rank_pattern.json",
-                "allocation.jsonl", "rank_heatmap.png", "train_log.jsonl", "eval.jsonl", "metrics.json", "tensorboard"]
+OUTPUT_FILES = [
+    "config.yaml",
+    "adapter",
+    "peft/adapter_config.json",
+    "peft/adapter_model.safetensors",
+    "rank_pattern.json",
+    "allocation.jsonl",
+    "rank_heatmap.png",
+    "train_log.jsonl",
+    "eval.jsonl",
+    "metrics.json",
+    "tensorboard",
+]
 
 
 def _load_recipe():
@@ -212,9 +233,19 @@ def tiny_deberta_dir(tmp_path_factory) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(_minilm_tokenizer_dir())
     torch.manual_seed(0)
     config = DebertaV2Config(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=128, relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"],
-        norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False, pooler_hidden_size=32,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        relative_attention=True,
+        position_buckets=32,
+        pos_att_type=["p2c", "c2p"],
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        position_biased_input=False,
+        pooler_hidden_size=32,
         pad_token_id=tokenizer.pad_token_id,
     )
     DebertaV2Model(config).save_pretrained(directory)
@@ -227,12 +258,45 @@ def _config_file(tmp_path, model_dir, task, **sections) -> Path:
 
     values = {
         "output_dir": str(tmp_path / "{task}-{method}"),
-        "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": "eager", "gradient_checkpointing": False},
-        "data": {"task": task, "source": "local", "data_dir": str(GLUE_DIR), "max_length": 32, "max_train_samples": 48,
-                 "max_eval_samples": 24},
-        "adapter": {"target_modules": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
-                    "modules_to_save": ["pooler", "classifier"], "r": 2, "lora_alpha": 4, "b0": 2, "t_warmup": 1, "t_final": 1, "delta_t": 1},
-        "train": {"epochs": 1, "batch_size": 8, "micro_batch_size": 8, "lr": 5.0e-3, "warmup_ratio": 0.1, "log_every": 2},
+        "model": {
+            "path": str(model_dir),
+            "dtype": "float32",
+            "attn_implementation": "eager",
+            "gradient_checkpointing": False,
+        },
+        "data": {
+            "task": task,
+            "source": "local",
+            "data_dir": str(GLUE_DIR),
+            "max_length": 32,
+            "max_train_samples": 48,
+            "max_eval_samples": 24,
+        },
+        "adapter": {
+            "target_modules": [
+                "query_proj",
+                "key_proj",
+                "value_proj",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+            ],
+            "modules_to_save": ["pooler", "classifier"],
+            "r": 2,
+            "lora_alpha": 4,
+            "b0": 2,
+            "t_warmup": 1,
+            "t_final": 1,
+            "delta_t": 1,
+        },
+        "train": {
+            "epochs": 1,
+            "batch_size": 8,
+            "micro_batch_size": 8,
+            "lr": 5.0e-3,
+            "warmup_ratio": 0.1,
+            "log_every": 2,
+        },
         "eval": {"every_n_steps": 3, "batch_size": 16},
         "checkpoint": {"every_n_steps": 3, "keep_last": 2},
     }
@@ -246,7 +310,12 @@ def _config_file(tmp_path, model_dir, task, **sections) -> Path:
 def _logits(model, tokenizer):
     import torch
 
-    batch = tokenizer(["A man is playing a flute.", "Nobody sings."], ["A man plays music.", "Everyone sings."], return_tensors="pt", padding=True)
+    batch = tokenizer(
+        ["A man is playing a flute.", "Nobody sings."],
+        ["A man plays music.", "Everyone sings."],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         return model.eval()(**batch).logits
 
@@ -271,7 +340,9 @@ def test_flexlora_run_writes_everything_exports_and_resumes(tmp_path, tiny_deber
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000003", "step_00000006"]
     assert metrics["steps"] == 6 and metrics["task"] == "rte" and metrics["main_metric"] == "validation/accuracy"
     assert set(metrics["final"]) == {"validation/accuracy", "validation/majority_share"}
-    assert 0 <= metrics["final"]["validation/accuracy"] <= 1 and 0.5 <= metrics["final"]["validation/majority_share"] <= 1
+    assert (
+        0 <= metrics["final"]["validation/accuracy"] <= 1 and 0.5 <= metrics["final"]["validation/majority_share"] <= 1
+    )
     assert [row["step"] for row in read_jsonl(out / "eval.jsonl")] == [3, 6]
     history = read_jsonl(out / "allocation.jsonl")
     assert {row["action"] for row in history} == {"prune", "expand"} and metrics["rank_changes"] == len(history)
@@ -283,7 +354,9 @@ def test_flexlora_run_writes_everything_exports_and_resumes(tmp_path, tiny_deber
     tokenizer = AutoTokenizer.from_pretrained(tiny_deberta_dir)
     native = AutoModelForSequenceClassification.from_pretrained(tiny_deberta_dir, num_labels=2)
     flexlora.load_adapters(native, out / "adapter")
-    exported = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_deberta_dir, num_labels=2), out / "peft")
+    exported = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny_deberta_dir, num_labels=2), out / "peft"
+    )
     assert exported.peft_config["default"].task_type == "SEQ_CLS"
     torch.testing.assert_close(_logits(exported, tokenizer), _logits(native, tokenizer), atol=1e-5, rtol=1e-4)
     fresh = AutoModelForSequenceClassification.from_pretrained(tiny_deberta_dir, num_labels=2)
@@ -308,7 +381,9 @@ def test_peft_baselines_on_stsb_regression(tmp_path, tiny_deberta_dir, method):
     from flexlora.recipe_kit.records import read_jsonl
 
     recipe = _load_recipe()
-    config = _config_file(tmp_path, tiny_deberta_dir, "STS-B", eval={"every_n_steps": 0}, checkpoint={"every_n_steps": 0})
+    config = _config_file(
+        tmp_path, tiny_deberta_dir, "STS-B", eval={"every_n_steps": 0}, checkpoint={"every_n_steps": 0}
+    )
     metrics = recipe.main(["--config", str(config), f"method={method}"])
     out = tmp_path / f"stsb-{method}"
     for name in OUTPUT_FILES:
@@ -344,9 +419,14 @@ def test_config_errors_name_the_key(tmp_path, tiny_deberta_dir):
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "glue"
 # Table 8 (App. D.1): max length, learning rate, epochs, T_warmup, T_final, Delta_T; all: batch 32, r 8, alpha 16, b 4
 TABLE_8 = {
-    "cola": (64, 8e-4, 20, 1000, 1000, 200), "mnli": (256, 5e-4, 12, 5000, 5000, 1000), "mrpc": (256, 1e-3, 30, 500, 500, 100),
-    "rte": (512, 1.2e-3, 50, 500, 500, 100), "qnli": (256, 5e-4, 5, 1000, 1000, 200), "sst2": (256, 8e-4, 20, 5000, 5000, 1000),
-    "stsb": (256, 2.2e-3, 20, 1000, 1000, 200), "qqp": (320, 8e-4, 5, 5000, 5000, 1000),
+    "cola": (64, 8e-4, 20, 1000, 1000, 200),
+    "mnli": (256, 5e-4, 12, 5000, 5000, 1000),
+    "mrpc": (256, 1e-3, 30, 500, 500, 100),
+    "rte": (512, 1.2e-3, 50, 500, 500, 100),
+    "qnli": (256, 5e-4, 5, 1000, 1000, 200),
+    "sst2": (256, 8e-4, 20, 5000, 5000, 1000),
+    "stsb": (256, 2.2e-3, 20, 1000, 1000, 200),
+    "qqp": (320, 8e-4, 5, 5000, 5000, 1000),
 }
 
 
@@ -356,19 +436,29 @@ def test_deberta_configs_follow_table_8(task):
 
     recipe = _load_recipe()
     path = CONFIG_DIR / f"{task}.yaml"
-    assert f"recipes/deberta_glue.py --config recipes/configs/glue/{task}.yaml" in path.read_text()  # its header runs it
+    assert (
+        f"recipes/deberta_glue.py --config recipes/configs/glue/{task}.yaml" in path.read_text()
+    )  # its header runs it
     c = load_config(recipe.RecipeConfig, path)
     a, t = c.adapter, c.train
     assert (c.data.max_length, t.lr, t.epochs, a.t_warmup, a.t_final, a.delta_t) == TABLE_8[task]
-    assert (t.batch_size, a.r, a.lora_alpha, a.b0, t.warmup_ratio, t.lr_scheduler, t.max_steps) == (32, 8, 16, 4, 0.1, "linear", None)
+    assert (t.batch_size, a.r, a.lora_alpha, a.b0, t.warmup_ratio, t.lr_scheduler, t.max_steps) == (
+        32,
+        8,
+        16,
+        4,
+        0.1,
+        "linear",
+        None,
+    )
     assert c.model.path == "microsoft/deberta-v3-base" and c.data.task == task
     assert a.target_modules == recipe.DEBERTA_TARGETS and a.modules_to_save == ["pooler", "classifier"]
 
 
 @pytest.mark.parametrize("task", ["cola", "mrpc", "rte", "stsb"])
 def test_minilm_configs_are_offline_and_move_ranks(task):
-    from flexlora.schedule import ranks_to_move
     from flexlora.recipe_kit.run_config import load_config
+    from flexlora.schedule import ranks_to_move
 
     recipe = _load_recipe()
     path = CONFIG_DIR / f"minilm_{task}.yaml"

@@ -19,8 +19,16 @@ from bench import gpu_carry
 from flexlora.recipe_kit.data.commonsense import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["env", "overhead", "cr8b-flexlora", "cr8b-flexlora-resume", "cr8b-lora", "cr8b-lora-resume", "packing",
-         "fsdp2"]
+STEPS = [
+    "env",
+    "overhead",
+    "cr8b-flexlora",
+    "cr8b-flexlora-resume",
+    "cr8b-lora",
+    "cr8b-lora-resume",
+    "packing",
+    "fsdp2",
+]
 
 
 def pack_installed_wheel(package: str, folder: Path) -> Path:
@@ -50,8 +58,19 @@ def test_gpu_check_smoke_runs_every_step_from_a_carry_folder(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_PORT", None)
     model_config = small_llama3_dir(tmp_path / "small")
-    command = ["bash", str(REPO / "bench" / "gpu_check.sh"), "--smoke", "--model-config", str(model_config),
-               "--carry", str(carry), "--out", str(out), "--work", str(work)]
+    command = [
+        "bash",
+        str(REPO / "bench" / "gpu_check.sh"),
+        "--smoke",
+        "--model-config",
+        str(model_config),
+        "--carry",
+        str(carry),
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -68,7 +87,7 @@ def test_gpu_check_smoke_runs_every_step_from_a_carry_folder(tmp_path):
     assert "## (a) Overhead" in summary
     assert "1 passed, 2 skipped" in summary.split("## (d)")[1]  # sdpa fp32 here; sdpa and flash-attn bf16 need a GPU
 
-    for part, prefix in (("## (b)", "cr8b"), ("## (c)", "nf4"))[:2 if environment["bitsandbytes_usable"] else 1]:
+    for part, prefix in (("## (b)", "cr8b"), ("## (c)", "nf4"))[: 2 if environment["bitsandbytes_usable"] else 1]:
         runs = {row["run"]: row for row in table_with(summary.split(part)[1], "run", "tokens/s")}
         assert set(runs) == {f"{prefix}-flexlora", f"{prefix}-lora"}
         assert runs[f"{prefix}-flexlora"]["rank changes"].endswith("(step 3)")
@@ -88,8 +107,12 @@ def test_gpu_check_smoke_runs_every_step_from_a_carry_folder(tmp_path):
 
     with tarfile.open(out / "logs.tar.gz") as archive:
         names = set(archive.getnames())
-    assert {"logs/cr8b-flexlora-resume.log", "env.json", "runs/cr8b-flexlora/metrics.first.json",
-            "runs/fsdp2/allocation.jsonl"} <= names
+    assert {
+        "logs/cr8b-flexlora-resume.log",
+        "env.json",
+        "runs/cr8b-flexlora/metrics.first.json",
+        "runs/fsdp2/allocation.jsonl",
+    } <= names
     assert not any(name.endswith(".safetensors") for name in names)
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)

@@ -1,13 +1,12 @@
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TARGETS
 from transformers.pytorch_utils import Conv1D
 
 import flexlora
 from flexlora import FlexLoRAConfig
 from flexlora.layer import FlexLoRALayer
-
-from conftest import TARGETS
 
 
 def config(**changes):
@@ -43,7 +42,8 @@ def test_inject_errors_name_the_problem(tiny_llama):
 
 def test_regex_targets_and_modules_to_save(tiny_llama):
     adapters = flexlora.inject(
-        tiny_llama, FlexLoRAConfig(target_modules=r".*layers\.1\.self_attn\.(q|v)_proj", r=2, modules_to_save=["lm_head"])
+        tiny_llama,
+        FlexLoRAConfig(target_modules=r".*layers\.1\.self_attn\.(q|v)_proj", r=2, modules_to_save=["lm_head"]),
     )
     assert adapters.names == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     assert tiny_llama.lm_head.weight.requires_grad

@@ -56,7 +56,9 @@ def test_flexlora_trains_with_the_kit_dependencies_absent(tmp_path):
         loaded = sorted({{m for m in sys.modules if m.split(".")[0] in BLOCKED or m.startswith("flexlora.recipe_kit")}})
         print("moves", len(allocator.history), "loaded", loaded)
     """)
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "peft")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "peft")], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("loaded []"), out.stdout
     assert int(out.stdout.split()[1]) > 0  # ranks moved
@@ -64,7 +66,11 @@ def test_flexlora_trains_with_the_kit_dependencies_absent(tmp_path):
 
 def test_the_library_imports_nothing_above_it():
     for path in (ROOT / "flexlora").glob("*.py"):
-        above = {m for m in imported_modules(path) if m.startswith("flexlora.recipe_kit") or m.split(".")[0] in ("recipes", "bench", "eval")}
+        above = {
+            m
+            for m in imported_modules(path)
+            if m.startswith("flexlora.recipe_kit") or m.split(".")[0] in ("recipes", "bench", "eval")
+        }
         assert not above, f"{path.name} imports {above}"
 
 

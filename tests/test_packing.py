@@ -20,8 +20,16 @@ def tiny_llama(attn: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, attn_implementation=attn)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(config).float().eval()
 
 
@@ -83,10 +91,22 @@ def _flash_attention_usable() -> bool:
 # run in bf16: the padded and packed kernels then round differently, while a row seeing another moves logits by ~0.5.
 IMPLEMENTATIONS = [
     pytest.param("sdpa", "cpu", torch.float32, 1e-5, id="sdpa-fp32"),
-    pytest.param("sdpa", "cuda", torch.bfloat16, 5e-2, id="sdpa-bf16-cuda",
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
-    pytest.param("flash_attention_2", "cuda", torch.bfloat16, 5e-2, id="flash_attention_2-bf16",
-                 marks=pytest.mark.skipif(not _flash_attention_usable(), reason="needs a CUDA GPU and flash_attn")),
+    pytest.param(
+        "sdpa",
+        "cuda",
+        torch.bfloat16,
+        5e-2,
+        id="sdpa-bf16-cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ),
+    pytest.param(
+        "flash_attention_2",
+        "cuda",
+        torch.bfloat16,
+        5e-2,
+        id="flash_attention_2-bf16",
+        marks=pytest.mark.skipif(not _flash_attention_usable(), reason="needs a CUDA GPU and flash_attn"),
+    ),
 ]
 
 
@@ -102,7 +122,9 @@ def test_packed_matches_padded_loss_rows_and_gradients(attn, device, dtype, tole
     grads_pad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     model.zero_grad()
-    packed = {key: value.to(device) for key, value in PackedCollator(model.config._attn_implementation)(features).items()}
+    packed = {
+        key: value.to(device) for key, value in PackedCollator(model.config._attn_implementation)(features).items()
+    }
     out_packed = model(**packed)
     out_packed.loss.backward()
     grads_packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -115,7 +137,9 @@ def test_packed_matches_padded_loss_rows_and_gradients(attn, device, dtype, tole
         assert (segment - row).abs().max().item() <= tolerance, f"row {i}: logits differ"
         loss_packed = row_losses(segment, packed["labels"][0, start : start + length])
         loss_pad = row_losses(row, pad["labels"][i, :length])
-        assert abs(loss_packed.item() - loss_pad.item()) <= tolerance, f"row {i}: {loss_packed.item()} vs {loss_pad.item()}"
+        assert abs(loss_packed.item() - loss_pad.item()) <= tolerance, (
+            f"row {i}: {loss_packed.item()} vs {loss_pad.item()}"
+        )
         start += length
     assert grads_pad.keys() == grads_packed.keys() and grads_pad
     for name, grad in grads_pad.items():
@@ -128,8 +152,11 @@ def test_position_ids_alone_would_leak():
     packed = PackedCollator("sdpa")(rows())
     with torch.no_grad():
         isolated = model(**packed).logits
-        leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                      attention_mask=torch.ones_like(packed["input_ids"])).logits
+        leaky = model(
+            input_ids=packed["input_ids"],
+            position_ids=packed["position_ids"],
+            attention_mask=torch.ones_like(packed["input_ids"]),
+        ).logits
     second = slice(LENGTHS[0], LENGTHS[0] + LENGTHS[1])
     assert (isolated[0, second] - leaky[0, second]).abs().max().item() > 1e-3
 
@@ -166,12 +193,16 @@ def test_recipe_config_refuses_other_packing_values(override):
         load_config(RecipeConfig, REPO / "recipes" / "configs" / "quickstart.yaml", [override])
 
 
-@pytest.mark.parametrize("override, expected", [([], "auto"), (["data.packing=true"], True), (["data.packing=false"], False)])
+@pytest.mark.parametrize(
+    "override, expected", [([], "auto"), (["data.packing=true"], True), (["data.packing=false"], False)]
+)
 def test_recipe_config_packing_values(override, expected):
     from flexlora.recipe_kit.run_config import load_config
     from recipes.llama3_cr import RecipeConfig
 
-    assert load_config(RecipeConfig, REPO / "recipes" / "configs" / "quickstart.yaml", override).data.packing == expected
+    assert (
+        load_config(RecipeConfig, REPO / "recipes" / "configs" / "quickstart.yaml", override).data.packing == expected
+    )
 
 
 def test_auto_packs_where_exact_and_pads_elsewhere():
@@ -201,7 +232,11 @@ def test_bench_smoke_writes_the_report(tmp_path):
         torch.set_num_threads(threads)  # the benchmark runs on one thread; the other tests do not
     text = (tmp_path / "packing.md").read_text()
     record = json.loads((tmp_path / "packing.json").read_text())
-    for header in ("| setting | config | rows | micro-batch |", "| setting | timed micro-batches | clock |", "## Verdict"):
+    for header in (
+        "| setting | config | rows | micro-batch |",
+        "| setting | timed micro-batches | clock |",
+        "## Verdict",
+    ):
         assert header in text, header
     assert set(record["settings"]) == {"quickstart", "llm_adapters"}
     for setting in record["settings"].values():

@@ -111,8 +111,9 @@ def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["flexlora", "lora", "adalora"])
-def test_recipe_on_an_nf4_base_trains_resumes_and_exports(recipe, tiny_model_dir, tmp_path, monkeypatch, capsys,
-                                                           method):
+def test_recipe_on_an_nf4_base_trains_resumes_and_exports(
+    recipe, tiny_model_dir, tmp_path, monkeypatch, capsys, method
+):
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -162,8 +163,9 @@ def test_random_init_builds_an_nf4_base_too(tiny_model_dir):
     from flexlora.recipe_kit.models import load_causal_lm
     from flexlora.recipe_kit.run_config import ModelConfig
 
-    model, _ = load_causal_lm(ModelConfig(path=str(tiny_model_dir), init="random", quantization="nf4"),
-                              torch.device("cpu"))
+    model, _ = load_causal_lm(
+        ModelConfig(path=str(tiny_model_dir), init="random", quantization="nf4"), torch.device("cpu")
+    )
     linear = {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert linear.pop("lm_head") is nn.Linear and set(linear.values()) == {bnb.nn.Linear4bit}
     assert torch.isfinite(_logits(model, torch.randint(0, 400, (1, 8)))).all()

@@ -26,8 +26,16 @@ def small_llama3_dir(directory: Path, vocab_size: int = 512) -> Path:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(LLAMA3_8B_DIR)
-    config.update(dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=vocab_size))
+    config.update(
+        dict(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab_size,
+        )
+    )
     config.save_pretrained(directory)
     return directory
 
@@ -55,8 +63,13 @@ def test_shipped_tokenizer_is_the_tests_tokenizer():
 
 def test_full_size_llama3_8b_is_built_by_the_same_code_path_on_the_meta_device():
     """The loader the recipe calls, at LLaMA3-8B's full depth and width: shapes and dtype without memory."""
-    config = ModelConfig(path=str(LLAMA3_8B_DIR), init="random", tokenizer=str(TINY_TOKENIZER), dtype="bfloat16",
-                         attn_implementation="sdpa")
+    config = ModelConfig(
+        path=str(LLAMA3_8B_DIR),
+        init="random",
+        tokenizer=str(TINY_TOKENIZER),
+        dtype="bfloat16",
+        attn_implementation="sdpa",
+    )
     model, tokenizer = load_causal_lm(config, torch.device("meta"))
     assert model.config.num_hidden_layers == 32 and len(model.model.layers) == 32
     assert sum(p.numel() for p in model.parameters()) == 8_030_261_248
@@ -88,8 +101,16 @@ def test_random_init_trains_saves_resumes_and_exports_flexlora(tmp_path):
 
     folder = small_llama3_dir(tmp_path / "small")
     out = tmp_path / "run"
-    overrides = tiny_overrides(folder, out, **{"model.init": "random", "model.tokenizer": str(TINY_TOKENIZER),
-                                               "eval.enabled": "false", "logging.tensorboard": "false"})
+    overrides = tiny_overrides(
+        folder,
+        out,
+        **{
+            "model.init": "random",
+            "model.tokenizer": str(TINY_TOKENIZER),
+            "eval.enabled": "false",
+            "logging.tensorboard": "false",
+        },
+    )
     llama3_cr.main(["--config", str(QUICKSTART), *overrides])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["rank_changes"] > 0
@@ -112,8 +133,11 @@ def test_random_init_trains_saves_resumes_and_exports_flexlora(tmp_path):
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     folder = small_llama3_dir(tmp_path / "small", vocab_size=100)
     config = ModelConfig(path=str(folder), init="random", tokenizer=str(TINY_TOKENIZER), dtype="float32")
-    with pytest.raises(ConfigError, match=r"model.tokenizer .*tiny-tokenizer: 500 tokens do not fit the model's "
-                                          r"vocabulary of 100"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.tokenizer .*tiny-tokenizer: 500 tokens do not fit the model's "
+        r"vocabulary of 100",
+    ):
         load_causal_lm(config, torch.device("cpu"))
 
 
@@ -127,11 +151,14 @@ def test_a_folder_without_config_or_tokenizer_is_named(tmp_path):
         load_causal_lm(ModelConfig(path=str(folder), init="random"), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.init=zeros", "model.init must be pretrained or random, got 'zeros'"),
-    ("model.init=random", "model.init=random reads only the config.json in model.path; set model.gguf_file=null"),
-    ("model.tokenizer=''", "model.tokenizer is empty"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.init=zeros", "model.init must be pretrained or random, got 'zeros'"),
+        ("model.init=random", "model.init=random reads only the config.json in model.path; set model.gguf_file=null"),
+        ("model.tokenizer=''", "model.tokenizer is empty"),
+    ],
+)
 def test_bad_model_settings_name_the_key(override, message):
     from recipes.llama3_cr import RecipeConfig
 

@@ -61,7 +61,13 @@ def tiny_overrides(model_dir: Path, output_dir: Path, **extra) -> list[str]:
 
 
 def run_recipe(recipe, model_dir: Path, output_dir: Path, **extra) -> Path:
-    recipe.main(["--config", str(REPO / "recipes" / "configs" / "quickstart.yaml"), *tiny_overrides(model_dir, output_dir, **extra)])
+    recipe.main(
+        [
+            "--config",
+            str(REPO / "recipes" / "configs" / "quickstart.yaml"),
+            *tiny_overrides(model_dir, output_dir, **extra),
+        ]
+    )
     return output_dir
 
 
@@ -78,9 +84,19 @@ def test_flexlora_run_writes_every_output_and_resumes_exactly(recipe, tiny_model
 
     # The generated data set, and scoring on its dev files (as the quickstart without ../shared/data).
     out = run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"data.path": "synthetic", "eval.tasks": None})
-    for name in ("config.yaml", "adapter/flexlora_adapter.safetensors", "adapter/rank_state.json", "peft/adapter_config.json",
-                 "peft/adapter_model.safetensors", "rank_pattern.json", "allocation.jsonl", "rank_heatmap.png", "metrics.json",
-                 "eval.json", "train_log.jsonl"):
+    for name in (
+        "config.yaml",
+        "adapter/flexlora_adapter.safetensors",
+        "adapter/rank_state.json",
+        "peft/adapter_config.json",
+        "peft/adapter_model.safetensors",
+        "rank_pattern.json",
+        "allocation.jsonl",
+        "rank_heatmap.png",
+        "metrics.json",
+        "eval.json",
+        "train_log.jsonl",
+    ):
         assert (out / name).is_file(), name
     assert any((out / "tensorboard").iterdir())
     assert (out / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -91,7 +107,9 @@ def test_flexlora_run_writes_every_output_and_resumes_exactly(recipe, tiny_model
     history = _read_jsonl(out / "allocation.jsonl")
     assert history and {r["step"] for r in history} <= {2, 3, 4, 5}
     ranks = json.loads((out / "rank_pattern.json").read_text())
-    assert len(ranks) == 10 and sum(ranks.values()) == 10 * 4 and len(set(ranks.values())) > 1  # ranks moved, total kept
+    assert (
+        len(ranks) == 10 and sum(ranks.values()) == 10 * 4 and len(set(ranks.values())) > 1
+    )  # ranks moved, total kept
     assert metrics["total_active_rank"] == 40 and metrics["rank_changes"] == len(history)
     assert set(metrics["eval"]["llm-adapters"]) == {"synthetic_truefalse", "synthetic_choice"}
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out / "peft"))
@@ -130,9 +148,20 @@ def test_lora_and_adalora_run_through_peft(recipe, tiny_model_dir, tmp_path):
 
     outputs = {}
     for method in ("lora", "adalora"):
-        out = run_recipe(recipe, tiny_model_dir, tmp_path / method, method=method, **{"train.max_steps": 8, "adapter.t_final": 2,
-                                                                                     "eval.enabled": "false"})
-        for name in ("peft/adapter_config.json", "rank_pattern.json", "allocation.jsonl", "rank_heatmap.png", "metrics.json"):
+        out = run_recipe(
+            recipe,
+            tiny_model_dir,
+            tmp_path / method,
+            method=method,
+            **{"train.max_steps": 8, "adapter.t_final": 2, "eval.enabled": "false"},
+        )
+        for name in (
+            "peft/adapter_config.json",
+            "rank_pattern.json",
+            "allocation.jsonl",
+            "rank_heatmap.png",
+            "metrics.json",
+        ):
             assert (out / name).is_file(), (method, name)
         assert not (out / "adapter").exists()  # the PEFT adapter is the method's own format
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out / "peft"))
@@ -141,14 +170,24 @@ def test_lora_and_adalora_run_through_peft(recipe, tiny_model_dir, tmp_path):
     assert lora["total_active_rank"] == 40 and lora["rank_changes"] == 0
     adalora = json.loads((outputs["adalora"] / "metrics.json").read_text())
     saved = json.loads((outputs["adalora"] / "peft" / "adapter_config.json").read_text())
-    assert (saved["init_r"], saved["target_r"], saved["total_step"], saved["tinit"], saved["tfinal"], saved["deltaT"]) == (6, 4, 8, 2, 2, 1)
+    assert (
+        saved["init_r"],
+        saved["target_r"],
+        saved["total_step"],
+        saved["tinit"],
+        saved["tfinal"],
+        saved["deltaT"],
+    ) == (6, 4, 8, 2, 2, 1)
     # update_and_allocate ran: PEFT pruned from init_r = 6 per matrix to the target budget of 4 per matrix
     assert adalora["total_active_rank"] == 40 and adalora["rank_changes"] > 0
     assert sum(sum(mask) for mask in saved["rank_pattern"].values()) == 40
     for method, out in outputs.items():  # one rank per adapted module, by module name, as FlexLoRA writes it
         pattern = json.loads((out / "rank_pattern.json").read_text())
-        assert sorted(pattern) == sorted(f"model.layers.{i}.{part}" for i in range(2) for part in (
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")), method
+        assert sorted(pattern) == sorted(
+            f"model.layers.{i}.{part}"
+            for i in range(2)
+            for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")
+        ), method
         assert sum(pattern.values()) == 40
     history = _read_jsonl(outputs["adalora"] / "allocation.jsonl")
     assert all(r["action"] == "prune" and 2 < r["step"] <= 6 for r in history)
@@ -163,8 +202,10 @@ def test_budget_rule_matches_parameter_counts(tiny_model_dir):
     from flexlora.recipe_kit.methods import build_method
 
     config = FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8, t_warmup=1, t_final=1, delta_t=1)
-    counts = {m: build_method(m, AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, 10).parameter_count()
-              for m in ("flexlora", "lora", "adalora")}
+    counts = {
+        m: build_method(m, AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, 10).parameter_count()
+        for m in ("flexlora", "lora", "adalora")
+    }
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     shapes = [(m.in_features, m.out_features) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
     capacity = math.ceil(1.5 * 4)
@@ -195,10 +236,21 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, 
     single = run_recipe(recipe, tiny_model_dir, tmp_path / "single", **same)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MASTER_PORT", None)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_fsdp2.yaml"),
-               "--main_process_port", "0", "--fsdp_cpu_ram_efficient_loading", "true",
-               str(RECIPE), "--config", str(REPO / "recipes" / "configs" / "quickstart.yaml"),
-               *tiny_overrides(tiny_model_dir, tmp_path / "fsdp2", **same)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_fsdp2.yaml"),
+        "--main_process_port",
+        "0",
+        "--fsdp_cpu_ram_efficient_loading",
+        "true",
+        str(RECIPE),
+        "--config",
+        str(REPO / "recipes" / "configs" / "quickstart.yaml"),
+        *tiny_overrides(tiny_model_dir, tmp_path / "fsdp2", **same),
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
@@ -209,7 +261,9 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, 
     for one, two in zip(_read_jsonl(single / "train_log.jsonl"), _read_jsonl(fsdp / "train_log.jsonl"), strict=True):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-4), two["step"]
     assert _read_jsonl(fsdp / "allocation.jsonl") == _read_jsonl(single / "allocation.jsonl")
-    assert json.loads((fsdp / "rank_pattern.json").read_text()) == json.loads((single / "rank_pattern.json").read_text())
+    assert json.loads((fsdp / "rank_pattern.json").read_text()) == json.loads(
+        (single / "rank_pattern.json").read_text()
+    )
     assert (fsdp / "peft" / "adapter_model.safetensors").is_file() and (fsdp / "checkpoints" / "step_00000006").is_dir()
 
 
@@ -218,7 +272,12 @@ def test_model_loading_choices(tiny_model_dir):
 
     from transformers import AutoTokenizer
 
-    from flexlora.recipe_kit.models import ensure_pad_token, resolve_attn_implementation, resolve_dtype, resolve_model_location
+    from flexlora.recipe_kit.models import (
+        ensure_pad_token,
+        resolve_attn_implementation,
+        resolve_dtype,
+        resolve_model_location,
+    )
 
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == torch.float32  # no bf16 on CPU: its backward is 15-55x slower there
@@ -297,8 +356,18 @@ def test_a_diverging_run_stops_naming_the_step_and_saves_nothing_non_finite(reci
 
     out = tmp_path / method
     with pytest.raises(TrainingStopped, match=r"step \d+: non-finite loss"):
-        run_recipe(recipe, tiny_model_dir, out, **{"method": method, "train.lr": 1e6, "train.max_grad_norm": 0,
-                                                   "train.warmup_steps": 0, "eval.enabled": "false"})
+        run_recipe(
+            recipe,
+            tiny_model_dir,
+            out,
+            **{
+                "method": method,
+                "train.lr": 1e6,
+                "train.max_grad_norm": 0,
+                "train.warmup_steps": 0,
+                "eval.enabled": "false",
+            },
+        )
     assert not (out / "adapter").exists() and not (out / "peft").exists() and not (out / "metrics.json").exists()
 
 
@@ -306,9 +375,19 @@ def test_skip_step_policy_is_bounded(recipe, tiny_model_dir, tmp_path):
     from flexlora.recipe_kit.run_config import TrainingStopped
 
     with pytest.raises(TrainingStopped, match="3 steps skipped, more than train.max_skipped_steps=2"):
-        run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"train.lr": 1e6, "train.max_grad_norm": 0, "train.warmup_steps": 0,
-                                                                "train.on_nonfinite": "skip_step", "train.max_skipped_steps": 2,
-                                                                "eval.enabled": "false"})
+        run_recipe(
+            recipe,
+            tiny_model_dir,
+            tmp_path / "run",
+            **{
+                "train.lr": 1e6,
+                "train.max_grad_norm": 0,
+                "train.warmup_steps": 0,
+                "train.on_nonfinite": "skip_step",
+                "train.max_skipped_steps": 2,
+                "eval.enabled": "false",
+            },
+        )
 
 
 def test_resume_refuses_changed_settings_and_reruns_refuse_to_mix_logs(recipe, tiny_model_dir, tmp_path):
@@ -321,7 +400,12 @@ def test_resume_refuses_changed_settings_and_reruns_refuse_to_mix_logs(recipe, t
     with pytest.raises(ConfigError, match="already holds a run .*checkpoint.overwrite=true"):
         run_recipe(recipe, tiny_model_dir, out, **{"eval.enabled": "false", "checkpoint.resume": "false"})
     assert _read_jsonl(out / "train_log.jsonl") == first_log  # neither attempt touched the run
-    run_recipe(recipe, tiny_model_dir, out, **{"eval.enabled": "false", "checkpoint.resume": "false", "checkpoint.overwrite": "true"})
+    run_recipe(
+        recipe,
+        tiny_model_dir,
+        out,
+        **{"eval.enabled": "false", "checkpoint.resume": "false", "checkpoint.overwrite": "true"},
+    )
     assert [r["step"] for r in _read_jsonl(out / "train_log.jsonl")] == [1, 2, 3, 4, 5, 6]  # one run, not two
 
 
@@ -375,16 +459,28 @@ def test_kill_9_at_random_points_resumes_bit_for_bit(recipe, tiny_model_dir, tmp
 
     reference = run_recipe(recipe, tiny_model_dir, tmp_path / "reference", **{"eval.enabled": "false"})
     out = tmp_path / "killed"
-    args = ["--config", str(REPO / "recipes" / "configs" / "quickstart.yaml"), *tiny_overrides(tiny_model_dir, out, **{"eval.enabled": "false"})]
+    args = [
+        "--config",
+        str(REPO / "recipes" / "configs" / "quickstart.yaml"),
+        *tiny_overrides(tiny_model_dir, out, **{"eval.enabled": "false"}),
+    ]
     kills = [("after_step", random.Random(0).choice([4, 5])), ("mid_checkpoint", 6)]  # checkpoints at steps 3 and 6
     for where, step in kills:
-        killed = subprocess.run([sys.executable, "-c", KILLER, where, str(step), *args], cwd=REPO, capture_output=True, text=True,
-                                timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        killed = subprocess.run(
+            [sys.executable, "-c", KILLER, where, str(step), *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert killed.returncode == -9, (where, killed.stderr[-2000:])
     assert (out / "checkpoints" / ".tmp_step_00000006").is_dir()  # the checkpoint the last kill interrupted
     recipe.main(args)  # resumes from step 3
 
-    assert [r["loss"] for r in _read_jsonl(out / "train_log.jsonl")] == [r["loss"] for r in _read_jsonl(reference / "train_log.jsonl")]
+    assert [r["loss"] for r in _read_jsonl(out / "train_log.jsonl")] == [
+        r["loss"] for r in _read_jsonl(reference / "train_log.jsonl")
+    ]
     assert _read_jsonl(out / "allocation.jsonl") == _read_jsonl(reference / "allocation.jsonl")
     for path in ("adapter/flexlora_adapter.safetensors", "peft/adapter_model.safetensors"):
         resumed, uninterrupted = load_file(out / path), load_file(reference / path)
@@ -407,14 +503,18 @@ def test_a_full_disk_names_the_checkpoint_it_could_not_write(recipe, tiny_model_
         raise RuntimeError("basic_ios::clear: iostream error")  # what torch.save says when the disk is full
 
     monkeypatch.setattr(checkpoints.torch, "save", full)
-    with pytest.raises(checkpoints.CheckpointError, match=r"could not write checkpoint .*\.tmp_step_00000003 \(disk full"):
+    with pytest.raises(
+        checkpoints.CheckpointError, match=r"could not write checkpoint .*\.tmp_step_00000003 \(disk full"
+    ):
         run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"eval.enabled": "false"})
 
 
 def test_lambda_lr_multiplier_is_refused_for_methods_without_lambda(recipe, tiny_model_dir, tmp_path):
     from flexlora.recipe_kit.run_config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"train.lambda_lr_multiplier=2 applies to FlexLoRA's lambda only; method=lora"):
+    with pytest.raises(
+        ConfigError, match=r"train.lambda_lr_multiplier=2 applies to FlexLoRA's lambda only; method=lora"
+    ):
         run_recipe(recipe, tiny_model_dir, tmp_path / "lora", method="lora", **{"train.lambda_lr_multiplier": 2})
     with pytest.raises(ValueError, match=r"train.lambda_lr_multiplier must be > 0, got -1"):
         run_recipe(recipe, tiny_model_dir, tmp_path / "neg", **{"train.lambda_lr_multiplier": -1})

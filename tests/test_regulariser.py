@@ -5,13 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import TARGETS, make_tiny_llama
 
 import flexlora
 from flexlora import FlexLoRAConfig
 from flexlora.layer import FlexLoRALayer
 from flexlora.regulariser import orthogonality_penalty
-
-from conftest import TARGETS, make_tiny_llama
 
 
 def adapted_llama(**changes):
@@ -33,8 +32,12 @@ def test_penalty_over_active_directions_only():
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
     pa, qa = p[:, mask > 0], q[mask > 0]
     gram_p, gram_q = pa.T @ pa - torch.eye(3), qa @ qa.T - torch.eye(3)
-    torch.testing.assert_close(orthogonality_penalty(p, q, mask, "eq2_sum"), gram_p.square().sum() + gram_q.square().sum())
-    torch.testing.assert_close(orthogonality_penalty(p, q, mask, "mean_norm"), torch.linalg.norm(gram_p) + torch.linalg.norm(gram_q))
+    torch.testing.assert_close(
+        orthogonality_penalty(p, q, mask, "eq2_sum"), gram_p.square().sum() + gram_q.square().sum()
+    )
+    torch.testing.assert_close(
+        orthogonality_penalty(p, q, mask, "mean_norm"), torch.linalg.norm(gram_p) + torch.linalg.norm(gram_q)
+    )
     u, _ = torch.linalg.qr(torch.randn(10, 5))
     v, _ = torch.linalg.qr(torch.randn(8, 5))
     assert orthogonality_penalty(u, v.T, torch.ones(5)) < 1e-5
@@ -52,7 +55,9 @@ def test_injected_gradient_equals_the_penalty_added_to_the_loss(tokens, form):
         layer.orth_reg_weight = 0.0  # the same model, penalty off, and its term added to the loss by hand
     model.zero_grad()
     n = len(adapters.layers)
-    terms = [orthogonality_penalty(layer.lora_P, layer.lora_Q, layer.rank_mask, form) for layer in adapters.layers.values()]
+    terms = [
+        orthogonality_penalty(layer.lora_P, layer.lora_Q, layer.rank_mask, form) for layer in adapters.layers.values()
+    ]
     penalty = torch.stack(terms).sum() / (2 * n if form == "mean_norm" else 1)
     (model(tokens, labels=tokens).loss + 0.3 * penalty).backward()
     for name, grad in trainable_grads(model).items():
@@ -71,7 +76,9 @@ def test_gradient_follows_loss_scaling(tokens, form, checkpointing):
     for scale in (1.0, 1024.0):
         model, _ = adapted_llama(orth_reg_weight=0.5, orth_reg=form)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+            )
         (model(tokens, labels=tokens).loss * scale).backward()
         results.append({n: g / scale for n, g in trainable_grads(model).items()})
     for name in results[0]:
@@ -157,14 +164,36 @@ def _adalora_and_flexlora(orth_reg: str):
     from peft import AdaLoraConfig, get_peft_model
 
     # task_type matters: a task-less PeftModel calls the base model directly and skips AdaLoRA's regulariser
-    ada_model = get_peft_model(make_tiny_llama(), AdaLoraConfig(
-        init_r=RANK, target_r=RANK // 2, tinit=STEPS, tfinal=0, deltaT=1, total_step=STEPS + 10, lora_alpha=ALPHA,
-        lora_dropout=0.0, orth_reg_weight=WEIGHT, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    ada_model = get_peft_model(
+        make_tiny_llama(),
+        AdaLoraConfig(
+            init_r=RANK,
+            target_r=RANK // 2,
+            tinit=STEPS,
+            tfinal=0,
+            deltaT=1,
+            total_step=STEPS + 10,
+            lora_alpha=ALPHA,
+            lora_dropout=0.0,
+            orth_reg_weight=WEIGHT,
+            target_modules=TARGETS,
+            task_type="CAUSAL_LM",
+        ),
+    )
     flex_model = make_tiny_llama()
     # AdaLoRA scales by alpha / (r + 1e-5); FlexLoRA by alpha / r: the alpha below makes the two equal.
-    config = FlexLoRAConfig(target_modules=TARGETS, r=RANK, max_rank=RANK, lora_alpha=ALPHA * RANK / (RANK + 1e-5),
-                            orth_reg_weight=WEIGHT, orth_reg=orth_reg, t_warmup=STEPS, t_final=0, delta_t=1,
-                            total_steps=STEPS + 10)
+    config = FlexLoRAConfig(
+        target_modules=TARGETS,
+        r=RANK,
+        max_rank=RANK,
+        lora_alpha=ALPHA * RANK / (RANK + 1e-5),
+        orth_reg_weight=WEIGHT,
+        orth_reg=orth_reg,
+        t_warmup=STEPS,
+        t_final=0,
+        delta_t=1,
+        total_steps=STEPS + 10,
+    )
     adapters = flexlora.inject(flex_model, config)
     ada_layers = {n.removeprefix("base_model.model."): m for n, m in ada_model.named_modules() if hasattr(m, "lora_E")}
     assert set(ada_layers) == set(adapters.layers)
@@ -176,7 +205,9 @@ def _adalora_and_flexlora(orth_reg: str):
     return ada_model, ada_layers, flex_model, adapters
 
 
-@pytest.mark.parametrize("micro, loss_scale", [(1, 1.0), (2, 1.0), (1, 1024.0)], ids=["plain", "accumulation2", "fp16_scale"])
+@pytest.mark.parametrize(
+    "micro, loss_scale", [(1, 1.0), (2, 1.0), (1, 1024.0)], ids=["plain", "accumulation2", "fp16_scale"]
+)
 def test_flexlora_without_allocation_trains_exactly_like_peft_adalora(micro, loss_scale):
     ada_model, ada_layers, flex_model, adapters = _adalora_and_flexlora("mean_norm")
     allocator = flexlora.RankAllocator(adapters)
@@ -198,7 +229,10 @@ def test_eq2_sum_is_not_adalora_regulariser():
     ada_model, ada_layers, flex_model, adapters = _adalora_and_flexlora("eq2_sum")
     _train(ada_model, ada_model.base_model.update_and_allocate, 1, 1.0)
     _train(flex_model, lambda step: None, 1, 1.0)
-    gap = max((layer.lora_P - ada_layers[name].lora_B["default"]).abs().max().item() for name, layer in adapters.layers.items())
+    gap = max(
+        (layer.lora_P - ada_layers[name].lora_B["default"]).abs().max().item()
+        for name, layer in adapters.layers.items()
+    )
     assert gap > 1e-3
 
 

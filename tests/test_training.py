@@ -1,13 +1,12 @@
 """Short real training runs of a tiny Llama: the loss falls and ranks move, in a plain loop and in Trainer."""
 
 import torch
+from conftest import TARGETS, make_tiny_llama
 from transformers import Trainer, TrainingArguments
 
 import flexlora
 from flexlora import FlexLoRAConfig, RankAllocator
 from flexlora.trainer import FlexLoRACallback
-
-from conftest import TARGETS, make_tiny_llama
 
 
 def batch():
@@ -18,7 +17,9 @@ def batch():
 
 def test_plain_loop_loss_falls_and_ranks_move():
     model = make_tiny_llama().train()
-    config = FlexLoRAConfig(target_modules=TARGETS, r=4, lora_alpha=8, b0=2, t_warmup=10, t_final=10, delta_t=5, total_steps=60)
+    config = FlexLoRAConfig(
+        target_modules=TARGETS, r=4, lora_alpha=8, b0=2, t_warmup=10, t_final=10, delta_t=5, total_steps=60
+    )
     adapters = flexlora.inject(model, config)
     allocator = RankAllocator(adapters)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
@@ -129,8 +130,10 @@ def test_param_groups_give_lambda_its_own_learning_rate():
         fresh(ids, labels=ids).loss.backward()
         optimizer.step()
         moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in fresh.named_parameters() if n in before}
-        return (max(v for n, v in moved.items() if n.endswith("lora_lambda")),
-                max(v for n, v in moved.items() if n.endswith("lora_P")))
+        return (
+            max(v for n, v in moved.items() if n.endswith("lora_lambda")),
+            max(v for n, v in moved.items() if n.endswith("lora_P")),
+        )
 
     lam_1, p_1 = first_step_moves(1.0)
     lam_10, p_10 = first_step_moves(10.0)
@@ -177,10 +180,15 @@ def test_auto_lambda_lr_moves_delta_w_at_a_lora_b_pace():
         ids = batch()
         net(ids, labels=ids).loss.backward()
         optimizer.step()
-    lora_moves = {name.removeprefix("base_model.model."): module.get_delta_weight("default").norm().item()
-                  for name, module in lora.named_modules() if hasattr(module, "get_delta_weight")
-                  and "default" in getattr(module, "lora_A", {})}
-    flex_moves = {name: module.delta_weight().norm().item() for name, module in model.named_modules()
-                  if hasattr(module, "lora_lambda")}
+    lora_moves = {
+        name.removeprefix("base_model.model."): module.get_delta_weight("default").norm().item()
+        for name, module in lora.named_modules()
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {})
+    }
+    flex_moves = {
+        name: module.delta_weight().norm().item()
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_lambda")
+    }
     ratios = [flex_moves[name] / lora_moves[name] for name in flex_moves if name in lora_moves]
     assert len(ratios) == len(flex_moves) and all(0.8 < ratio < 1.25 for ratio in ratios), ratios  # measured 0.92-1.01

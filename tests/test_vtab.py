@@ -88,7 +88,9 @@ def test_samples_are_preprocessed_by_the_image_processor(tmp_path):
 def test_hub_split_through_datasets(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     _folders(tmp_path / "data", "pets", {"train": {"a": 2, "b": 1}})
-    samples = vtab.load_hub_split("imagefolder", "train", data_dir=str(tmp_path / "data" / "pets"), cache_dir=str(tmp_path / "cache"))
+    samples = vtab.load_hub_split(
+        "imagefolder", "train", data_dir=str(tmp_path / "data" / "pets"), cache_dir=str(tmp_path / "cache")
+    )
     assert len(samples) == 3 and sorted(label for _, label in (samples[i] for i in range(3))) == [0, 0, 1]
     assert isinstance(samples[0][0], Image.Image)
     with pytest.raises(ValueError, match=r"column\(s\) \['fine_label'\] missing"):
@@ -119,9 +121,13 @@ def tiny_vit_dir(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("tiny_vit")
     torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
     ViTModel(config, add_pooling_layer=False).save_pretrained(directory)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        directory
+    )
     return directory
 
 
@@ -141,11 +147,31 @@ def _config_file(tmp_path, model_dir, root):
 
     values = {
         "output_dir": str(tmp_path / "{task}-{method}"),
-        "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa", "gradient_checkpointing": False},
+        "model": {
+            "path": str(model_dir),
+            "dtype": "float32",
+            "attn_implementation": "sdpa",
+            "gradient_checkpointing": False,
+        },
         "data": {"task": "eurosat", "protocol": "final", "source": "local", "root": str(root), "num_workers": 0},
-        "adapter": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
-                    "modules_to_save": ["classifier"], "r": 2, "lora_alpha": 4, "b0": 2, "t_warmup": 1, "t_final": 1, "delta_t": 1},
-        "train": {"epochs": 3, "batch_size": 8, "micro_batch_size": 8, "lr": 1.0e-2, "warmup_ratio": 0.1, "log_every": 2},
+        "adapter": {
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
+            "modules_to_save": ["classifier"],
+            "r": 2,
+            "lora_alpha": 4,
+            "b0": 2,
+            "t_warmup": 1,
+            "t_final": 1,
+            "delta_t": 1,
+        },
+        "train": {
+            "epochs": 3,
+            "batch_size": 8,
+            "micro_batch_size": 8,
+            "lr": 1.0e-2,
+            "warmup_ratio": 0.1,
+            "log_every": 2,
+        },
         "eval": {"every_n_steps": 0, "batch_size": 8},
         "checkpoint": {"every_n_steps": 0},
     }
@@ -165,9 +191,19 @@ def test_recipe_runs_and_writes_everything(tmp_path, tiny_vit_dir, eurosat_root,
     recipe = _load_recipe()
     metrics = recipe.main(["--config", str(_config_file(tmp_path, tiny_vit_dir, eurosat_root)), f"method={method}"])
     out = tmp_path / f"eurosat-{method}"
-    for name in ["config.yaml", "adapter" if method == "flexlora" else "peft", "peft/adapter_model.safetensors", "rank_pattern.json",
-                 "allocation.jsonl", "rank_heatmap.png", "train_log.jsonl", "eval.jsonl", "metrics.json", "tensorboard",
-                 "checkpoints/step_00000006/trainer_state.json"]:
+    for name in [
+        "config.yaml",
+        "adapter" if method == "flexlora" else "peft",
+        "peft/adapter_model.safetensors",
+        "rank_pattern.json",
+        "allocation.jsonl",
+        "rank_heatmap.png",
+        "train_log.jsonl",
+        "eval.jsonl",
+        "metrics.json",
+        "tensorboard",
+        "checkpoints/step_00000006/trainer_state.json",
+    ]:
         assert (out / name).exists(), name
     assert metrics["steps"] == 6 and metrics["protocol"] == "final" and metrics["main_metric"] == "test/accuracy"
     assert 0 <= metrics["final"]["test/accuracy"] <= 1 and [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [6]
@@ -182,10 +218,16 @@ def test_recipe_runs_and_writes_everything(tmp_path, tiny_vit_dir, eurosat_root,
         pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         native = AutoModelForImageClassification.from_pretrained(tiny_vit_dir, num_labels=10)
         flexlora.load_adapters(native, out / "adapter")
-        exported = PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(tiny_vit_dir, num_labels=10), out / "peft")
+        exported = PeftModel.from_pretrained(
+            AutoModelForImageClassification.from_pretrained(tiny_vit_dir, num_labels=10), out / "peft"
+        )
         with torch.no_grad():
-            torch.testing.assert_close(exported.eval()(pixel_values=pixels).logits, native.eval()(pixel_values=pixels).logits,
-                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                exported.eval()(pixel_values=pixels).logits,
+                native.eval()(pixel_values=pixels).logits,
+                atol=1e-5,
+                rtol=1e-4,
+            )
 
 
 def test_protocol_and_unknown_task_are_checked(tmp_path, tiny_vit_dir, eurosat_root):

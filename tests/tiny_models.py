@@ -13,17 +13,23 @@ def build_tiny_tokenizer():
 
     from flexlora.recipe_kit.data.commonsense import synthetic_rows, training_prompt
 
-    corpus = [training_prompt(r) for task in ("synthetic_truefalse", "synthetic_choice") for r in synthetic_rows(task, 50, 0)]
+    corpus = [
+        training_prompt(r) for task in ("synthetic_truefalse", "synthetic_choice") for r in synthetic_rows(task, 50, 0)
+    ]
     corpus += ["Please choose the correct solution ending option answer true false question sentence"]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=500,
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(corpus, trainer)
     bos = backend.token_to_id("<|begin_of_text|>")
-    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
 
 
@@ -36,8 +42,15 @@ def build_tiny_model_dir(directory: Path) -> Path:
     bos = tokenizer.bos_token_id
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=bos,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)

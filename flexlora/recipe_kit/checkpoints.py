@@ -35,8 +35,11 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(directory: Path) -> None:
-    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     (directory / MANIFEST).write_text(json.dumps(files, indent=1))
 
 
@@ -70,7 +73,7 @@ class Checkpointer:
         if not self.root.is_dir():
             return []
         found = [p for p in self.root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / MANIFEST).is_file()]
-        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
     def latest_valid(self) -> Path | None:
         """The newest checkpoint whose manifest verifies; each newer one that does not is named in a warning."""
@@ -125,7 +128,9 @@ def save_optimizer(model: nn.Module, optimizer, path: Path, is_main: bool) -> No
 
     from flexlora.optim_state import unwrap_optimizer
 
-    state = get_optimizer_state_dict(model, unwrap_optimizer(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_optimizer_state_dict(
+        model, unwrap_optimizer(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if is_main:
         torch.save(state, path)
 

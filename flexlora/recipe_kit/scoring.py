@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from .data.commonsense import evaluation_prompt, load_rows
 
 log = logging.getLogger(__name__)
@@ -116,7 +115,9 @@ def check_local_task_file(task: str, path: Path) -> int:
     pattern = re.compile(ANSWER_PATTERNS[task])
     bad = [f"row {i}: answer {row['answer']!r}" for i, row in enumerate(rows) if not pattern.fullmatch(row["answer"])]
     if bad:
-        raise ValueError(f"{path}: {len(bad)} row(s) have answers that {task}'s pattern {pattern.pattern!r} cannot extract: {'; '.join(bad[:10])}")
+        raise ValueError(
+            f"{path}: {len(bad)} row(s) have answers that {task}'s pattern {pattern.pattern!r} cannot extract: {'; '.join(bad[:10])}"
+        )
     return len(rows)
 
 
@@ -139,7 +140,9 @@ def llm_adapters_task_config(task: str, data_file: str | Path, max_new_tokens: i
         "filter_list": [
             {
                 "name": FILTER_NAME,
-                "filter": [{"function": "regex", "regex_pattern": ANSWER_PATTERNS[task], "group_select": 0, "fallback": ""}],
+                "filter": [
+                    {"function": "regex", "regex_pattern": ANSWER_PATTERNS[task], "group_select": 0, "fallback": ""}
+                ],
             }
         ],
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
@@ -166,7 +169,9 @@ def plan_tasks(config: EvalConfig, data_dir: str | Path | None) -> list[TaskRun]
         for task in config.tasks:
             if protocol == "llm-adapters":
                 if data_dir is None:
-                    raise ValueError("the llm-adapters protocol needs a data folder of <task>/<split>.json files (eval.data_dir / --data-dir)")
+                    raise ValueError(
+                        "the llm-adapters protocol needs a data folder of <task>/<split>.json files (eval.data_dir / --data-dir)"
+                    )
                 path = local_task_file(data_dir, task, config.split)
                 check_local_task_file(task, path)
                 spec = llm_adapters_task_config(task, path, config.max_new_tokens)
@@ -201,8 +206,10 @@ def evaluate(model, tokenizer, config: EvalConfig, data_dir: str | Path | None) 
         )
     except Exception as e:
         if "lm-eval" in config.protocols() and ("offline" in str(e).lower() or "connect" in str(e).lower()):
-            raise RuntimeError(f"lm-eval's standard tasks download their data from the hub, which failed ({e}); "
-                               "use --protocol llm-adapters with local files offline") from e
+            raise RuntimeError(
+                f"lm-eval's standard tasks download their data from the hub, which failed ({e}); "
+                "use --protocol llm-adapters with local files offline"
+            ) from e
         raise
     results: dict[str, dict] = {}
     for run in runs:
@@ -281,7 +288,9 @@ def attach_adapter(model, adapter_dir: str | Path):
     for inner in ("adapter", "peft"):
         if (directory / inner).is_dir():
             return attach_adapter(model, directory / inner)
-    raise FileNotFoundError(f"{directory} is neither a FlexLoRA adapter (flexlora_config.json) nor a PEFT adapter (adapter_config.json)")
+    raise FileNotFoundError(
+        f"{directory} is neither a FlexLoRA adapter (flexlora_config.json) nor a PEFT adapter (adapter_config.json)"
+    )
 
 
 def write_report(results: dict, table: str, path: str | Path, **info) -> None:

@@ -39,20 +39,34 @@ class Training:
 def refuse_unsupported_engine(config, accelerator) -> None:
     """The recipes run on one process, DDP or FSDP2; PEFT's AdaLoRA baseline and a 4-bit base not under FSDP."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ValueError("the recipes run on one process, DDP or FSDP2 (accelerate_configs/fsdp2.yaml, ddp.yaml, cpu*.yaml), "
-                         "not DeepSpeed, whose engine keeps the optimizer state the recipes' checkpoints save")
+        raise ValueError(
+            "the recipes run on one process, DDP or FSDP2 (accelerate_configs/fsdp2.yaml, ddp.yaml, cpu*.yaml), "
+            "not DeepSpeed, whose engine keeps the optimizer state the recipes' checkpoints save"
+        )
     if config.method == "adalora" and accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError("method=adalora cannot run under FSDP: PEFT's AdaLoRA allocator reads whole, unsharded A/E/B tensors "
-                         "and gradients. Run the AdaLoRA baseline with accelerate_configs/ddp.yaml (or one process).")
+        raise ValueError(
+            "method=adalora cannot run under FSDP: PEFT's AdaLoRA allocator reads whole, unsharded A/E/B tensors "
+            "and gradients. Run the AdaLoRA baseline with accelerate_configs/ddp.yaml (or one process)."
+        )
     if config.model.quantization != "none" and accelerator.distributed_type == DistributedType.FSDP:
-        raise ConfigError(f"model.quantization={config.model.quantization} cannot run under FSDP2: bitsandbytes' "
-                          "Linear4bit keeps its quantization state beside the packed weight, where fully_shard cannot "
-                          "shard it (torchtune shards torchao's NF4Tensor; these recipes do not). Run one process or "
-                          "DDP (accelerate_configs/ddp.yaml)")
+        raise ConfigError(
+            f"model.quantization={config.model.quantization} cannot run under FSDP2: bitsandbytes' "
+            "Linear4bit keeps its quantization state beside the packed weight, where fully_shard cannot "
+            "shard it (torchtune shards torchao's NF4Tensor; these recipes do not). Run one process or "
+            "DDP (accelerate_configs/ddp.yaml)"
+        )
 
 
-def build_training(config, accelerator, model: nn.Module, dataset, collator: Callable, task_type: str | None,
-                   out: Path, num_workers: int = 0) -> Training:
+def build_training(
+    config,
+    accelerator,
+    model: nn.Module,
+    dataset,
+    collator: Callable,
+    task_type: str | None,
+    out: Path,
+    num_workers: int = 0,
+) -> Training:
     """Adapt ``model`` with ``config.method`` under the budget rule and make the loop that trains it.
 
     ``config`` has the recipe sections method, adapter, train and checkpoint. The number of optimizer steps comes from
@@ -66,24 +80,43 @@ def build_training(config, accelerator, model: nn.Module, dataset, collator: Cal
     per_epoch = steps_per_epoch(batches, accumulation)
     total_steps = train.max_steps or train.epochs * per_epoch
     warmup = train.warmup_for(total_steps)
-    log.info("%d training examples, %d micro-batches of %d per process per epoch, gradient accumulation %d -> "
-             "%d optimizer steps per epoch, %d in total (%d warmup)",
-             len(dataset), batches, train.micro_batch_size, accumulation, per_epoch, total_steps, warmup)
+    log.info(
+        "%d training examples, %d micro-batches of %d per process per epoch, gradient accumulation %d -> "
+        "%d optimizer steps per epoch, %d in total (%d warmup)",
+        len(dataset),
+        batches,
+        train.micro_batch_size,
+        accumulation,
+        per_epoch,
+        total_steps,
+        warmup,
+    )
 
     method = build_method(config.method, model, config.adapter, total_steps, task_type=task_type)
     allocate_trainable_parameters(method.model, accelerator)  # a model built without weights (FSDP2 sharded loading)
     params = method.parameter_count()
     trained_extra = sum(p.numel() for n, p in method.model.named_parameters() if p.requires_grad and ".lora_" not in n)
-    log.info("method %s: %s adapter parameters allocated (+%s in trained heads), %d target matrices, total active rank %d",
-             config.method, f"{params:,}", f"{trained_extra:,}", len(method.initial_ranks()), sum(method.ranks().values()))
+    log.info(
+        "method %s: %s adapter parameters allocated (+%s in trained heads), %d target matrices, total active rank %d",
+        config.method,
+        f"{params:,}",
+        f"{trained_extra:,}",
+        len(method.initial_ranks()),
+        sum(method.ranks().values()),
+    )
     if train.lambda_lr_multiplier != 1.0 and config.method != "flexlora":
         multiplier = train.lambda_lr_multiplier
         shown = multiplier if isinstance(multiplier, str) else f"{multiplier:g}"
-        raise ConfigError(f"train.lambda_lr_multiplier={shown} applies to FlexLoRA's lambda only; "
-                          f"method={config.method} has none (leave it at 1)")
-    optimizer = torch.optim.AdamW(param_groups(method.model, train.lr, train.lambda_lr_multiplier), lr=train.lr,
-                                  weight_decay=train.weight_decay)
-    prepared, optimizer = accelerator.prepare(method.model, optimizer)  # one call: FSDP2 shards model and optimizer together
+        raise ConfigError(
+            f"train.lambda_lr_multiplier={shown} applies to FlexLoRA's lambda only; "
+            f"method={config.method} has none (leave it at 1)"
+        )
+    optimizer = torch.optim.AdamW(
+        param_groups(method.model, train.lr, train.lambda_lr_multiplier), lr=train.lr, weight_decay=train.weight_decay
+    )
+    prepared, optimizer = accelerator.prepare(
+        method.model, optimizer
+    )  # one call: FSDP2 shards model and optimizer together
     # Stepped once per optimizer step by hand: accelerate's prepared scheduler steps once per process.
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     run = TrainingRun(method, prepared, optimizer, scheduler, dataset, collator, total_steps, num_workers)
@@ -99,7 +132,9 @@ def save_outputs(training: Training, out: Path, is_main: bool, title: str) -> di
     if is_main:
         (out / "rank_pattern.json").write_text(json.dumps(rank_pattern, indent=2))
         method.write_history(out / "allocation.jsonl")
-        plot_rank_heatmap(method.initial_ranks(), method.history(), training.total_steps, out / "rank_heatmap.png", title=title)
+        plot_rank_heatmap(
+            method.initial_ranks(), method.history(), training.total_steps, out / "rank_heatmap.png", title=title
+        )
     return rank_pattern
 
 
@@ -114,7 +149,8 @@ def run_metrics(training: Training, train_seconds: float) -> dict:
         "train_seconds_this_run": round(train_seconds, 1),
         "tokens_this_run": loop.tokens_this_run,  # padding excluded, all processes; 0 for images
         "tokens_per_second_this_run": round(loop.tokens_this_run / train_seconds, 1)
-        if loop.tokens_this_run and train_seconds > 0 else None,
+        if loop.tokens_this_run and train_seconds > 0
+        else None,
         "median_step_seconds_this_run": round(statistics.median(loop.step_seconds), 4) if loop.step_seconds else None,
         "total_active_rank": sum(method.ranks().values()),
         "rank_changes": len(method.history()),

@@ -24,8 +24,17 @@ from flexlora.recipe_kit.run_config import ModelConfig
 
 STEPS, GLOBAL_BATCH, SEQ_LEN = 3, 4, 16
 # Allocation at every step from 1 on: one matrix pruned and one expanded each time.
-ADAPTER = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, b0=1, t_warmup=1, delta_t=1, t_final=0,
-               total_steps=STEPS + 1, schedule="constant", seed=0)
+ADAPTER = dict(
+    target_modules=["q_proj", "v_proj", "down_proj"],
+    r=4,
+    b0=1,
+    t_warmup=1,
+    delta_t=1,
+    t_final=0,
+    total_steps=STEPS + 1,
+    schedule="constant",
+    seed=0,
+)
 
 
 def peak_rss_mib() -> float:
@@ -44,8 +53,9 @@ def main() -> None:
     before_loading = peak_rss_mib()
     # What the recipe does: with sharded loading only the main process reads the weights.
     weights = accelerator.is_main_process or not main_process_loads_weights(accelerator)
-    config = ModelConfig(path=str(args.model), dtype="float32", attn_implementation="sdpa",
-                         gradient_checkpointing=False)
+    config = ModelConfig(
+        path=str(args.model), dtype="float32", attn_implementation="sdpa", gradient_checkpointing=False
+    )
     model, tokenizer = load_causal_lm(config, accelerator.device, weights=weights)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     built_without_weights = all(p.is_meta for p in model.parameters())

@@ -106,7 +106,9 @@ def tiny_llama() -> LlamaForCausalLM:
 
 def dataset(first_step: int) -> list[dict[str, torch.Tensor]]:
     """Samples for optimizer steps first_step + 1 .. TOTAL_STEPS; step t always sees the same GLOBAL_BATCH samples."""
-    tokens = torch.randint(0, VOCAB, (TOTAL_STEPS * GLOBAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1234))
+    tokens = torch.randint(
+        0, VOCAB, (TOTAL_STEPS * GLOBAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1234)
+    )
     return [{"input_ids": row} for row in tokens[first_step * GLOBAL_BATCH :]]
 
 
@@ -114,7 +116,9 @@ def eval_batch() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(99))
 
 
-def train(accelerator, engine: str, name: str, config: flexlora.FlexLoRAConfig, out: Path, first_step=0, load_from=None):
+def train(
+    accelerator, engine: str, name: str, config: flexlora.FlexLoRAConfig, out: Path, first_step=0, load_from=None
+):
     """Train steps first_step + 1 .. TOTAL_STEPS and write the results of scenario ``name``."""
     model = tiny_llama()
     if load_from is None:
@@ -134,7 +138,9 @@ def train(accelerator, engine: str, name: str, config: flexlora.FlexLoRAConfig, 
         # Below this many elements ZeRO-3 keeps a parameter gathered on every rank between steps (default 1e5,
         # which would cover this whole tiny model). 200 makes lambda and the k/v P persistent while the other
         # P, every Q and the base weights are partitioned: both kinds of ZeRO-3 parameter are exercised.
-        accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 200
+        accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"][
+            "stage3_param_persistence_threshold"
+        ] = 200
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if name == BF16_SCENARIO:
         accelerator.state.fsdp_plugin.mixed_precision_policy = fp32_policy
@@ -289,7 +295,9 @@ def main() -> None:
                 torch.save(model(input_ids=eval_batch()).logits, args.out / "resumed_logits.pt")
             from peft import PeftModel
 
-            peft_model = PeftModel.from_pretrained(tiny_llama(), str(args.resume_from / f"entropy_step{SAVE_AT}_peft")).eval()
+            peft_model = PeftModel.from_pretrained(
+                tiny_llama(), str(args.resume_from / f"entropy_step{SAVE_AT}_peft")
+            ).eval()
             with torch.no_grad():
                 torch.save(peft_model(input_ids=eval_batch()).logits, args.out / "peft_logits.pt")
             train(accelerator, "single", "resume_sharded", config, args.out, SAVE_AT, saved)

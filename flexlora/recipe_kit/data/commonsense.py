@@ -57,7 +57,9 @@ def evaluation_prompt(instruction: str, input: str = "") -> str:
         )
         sections = [("### Instruction:", instruction), ("### Input:", input)]
     else:
-        header = "Below is an instruction that describes a task. Write a response that appropriately completes the request. "
+        header = (
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request. "
+        )
         sections = [("### Instruction:", instruction)]
     body = "\n\n".join(f"{_INDENT}{title}\n{_INDENT}{text}" for title, text in sections)
     return f"{header}\n\n{body}\n\n{_INDENT}### Response:\n{_INDENT}"
@@ -96,7 +98,9 @@ def validate_rows(
             if missing:
                 problem = f"missing field(s) {', '.join(missing)}"
             elif wrong_type:
-                problem = "field(s) " + ", ".join(f"{f} ({type(row[f]).__name__})" for f in wrong_type) + " are not strings"
+                problem = (
+                    "field(s) " + ", ".join(f"{f} ({type(row[f]).__name__})" for f in wrong_type) + " are not strings"
+                )
             elif empty:
                 problem = f"empty {', '.join(empty)}"
             elif any(_SURROGATE.search(row[f]) for f in FIELDS):
@@ -130,7 +134,9 @@ def _read_rows(path: Path) -> tuple[Any, list[int] | None]:
     """The parsed records and, for JSON lines files, the line each record came from."""
     text = _read_text(path)
     if not text.strip():
-        raise DataError(f"{path}: empty file (expected a JSON list of records, or one record per line in a .jsonl file)")
+        raise DataError(
+            f"{path}: empty file (expected a JSON list of records, or one record per line in a .jsonl file)"
+        )
     if path.suffix.lower() == ".jsonl":
         rows, lines = [], []
         for line_no, line in enumerate(text.splitlines(), start=1):
@@ -163,7 +169,9 @@ def task_files(directory: Path, split: str) -> dict[str, Path]:
     return {p.parent.name: p for p in sorted(directory.glob(f"*/{split}.json"))}
 
 
-def load_rows(path: str | Path, split: str = "train", require_answer: bool = False) -> tuple[list[dict[str, str]], dict[str, int]]:
+def load_rows(
+    path: str | Path, split: str = "train", require_answer: bool = False
+) -> tuple[list[dict[str, str]], dict[str, int]]:
     """Rows from a JSON/JSONL file, a directory of ``<task>/<split>.json`` files (concatenated in task-name
     order), or a Hugging Face hub dataset id. Returns the rows and how many came from each source.
     """
@@ -206,9 +214,7 @@ def synthetic_rows(task: str, count: int, seed: int) -> list[dict[str, str]]:
         if task == "synthetic_truefalse":
             truth = a > b
             question = f"is {a} greater than {b}?"
-            instruction = (
-                f"Please answer the following question with true or false, question: {question}\n\nAnswer format: true/false"
-            )
+            instruction = f"Please answer the following question with true or false, question: {question}\n\nAnswer format: true/false"
             answer = "true" if truth else "false"
         elif task == "synthetic_choice":
             correct = a + b
@@ -225,7 +231,9 @@ def synthetic_rows(task: str, count: int, seed: int) -> list[dict[str, str]]:
             answer = f"answer{options.index(correct) + 1}"
         else:
             raise ValueError(f"unknown synthetic task {task!r}; use synthetic_truefalse or synthetic_choice")
-        rows.append({"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer})
+        rows.append(
+            {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+        )
     return rows
 
 
@@ -288,7 +296,9 @@ def tokenize_rows(
         need = long if train_on_inputs else range(len(chunk))
         prompt_lengths = {}
         if need:
-            prompts = tokenizer([training_prompt({**chunk[i], "output": ""}) for i in need], truncation=True, max_length=cutoff_len)
+            prompts = tokenizer(
+                [training_prompt({**chunk[i], "output": ""}) for i in need], truncation=True, max_length=cutoff_len
+            )
             prompt_lengths = dict(zip(need, (len(ids) for ids in prompts["input_ids"])))
         examples.truncated += len(long)
         for i, ids in enumerate(full):
@@ -311,14 +321,32 @@ def tokenize_rows(
             f"{len(rows)} rows truncated, {examples.without_response} with no response token left; raise data.cutoff_len"
         )
     if examples.truncated:
-        log.info("%s: %d of %d rows are longer than cutoff_len=%d tokens and were truncated", source, examples.truncated,
-                 len(rows), cutoff_len)
+        log.info(
+            "%s: %d of %d rows are longer than cutoff_len=%d tokens and were truncated",
+            source,
+            examples.truncated,
+            len(rows),
+            cutoff_len,
+        )
     if examples.without_response and not train_on_inputs:
-        log.warning("%s: dropped %d of %d rows whose whole response was cut away by cutoff_len=%d (no target token left); "
-                    "training on the other %d", source, examples.without_response, len(rows), cutoff_len, len(examples))
+        log.warning(
+            "%s: dropped %d of %d rows whose whole response was cut away by cutoff_len=%d (no target token left); "
+            "training on the other %d",
+            source,
+            examples.without_response,
+            len(rows),
+            cutoff_len,
+            len(examples),
+        )
     elif examples.without_response:
-        log.warning("%s: %d of %d rows lost their whole response to cutoff_len=%d; kept (train_on_inputs=true trains on "
-                    "their prompt)", source, examples.without_response, len(rows), cutoff_len)
+        log.warning(
+            "%s: %d of %d rows lost their whole response to cutoff_len=%d; kept (train_on_inputs=true trains on "
+            "their prompt)",
+            source,
+            examples.without_response,
+            len(rows),
+            cutoff_len,
+        )
     return examples
 
 
@@ -348,7 +376,9 @@ class TokenizedDataset(torch.utils.data.Dataset):
 class DataConfig:
     """Where the training rows come from and how they become token sequences."""
 
-    path: str = "../shared/data/commonsense"  # json/jsonl file, a folder of <task>/<split>.json, a hub id, or "synthetic"
+    path: str = (
+        "../shared/data/commonsense"  # json/jsonl file, a folder of <task>/<split>.json, a hub id, or "synthetic"
+    )
     split: str = "train"
     if_missing: str = "error"  # error | synthetic: what to do when a local path does not exist
     cutoff_len: int = 256

@@ -51,23 +51,54 @@ GLUE_TASKS: dict[str, GlueTask] = {
     task.name: task
     for task in (
         GlueTask(
-            "cola", "CoLA", ("sentence",), "label", ("0", "1"), "matthews_correlation", ("sentence",),
+            "cola",
+            "CoLA",
+            ("sentence",),
+            "label",
+            ("0", "1"),
+            "matthews_correlation",
+            ("sentence",),
             headerless_columns=("source", "label", "original_label", "sentence"),
         ),
         GlueTask("sst2", "SST-2", ("sentence",), "label", ("0", "1"), "accuracy", ("sentence",)),
-        GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), "accuracy", ("sentence1", "sentence2")),
-        GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("0", "1"), "accuracy", ("question1", "question2")),
+        GlueTask(
+            "mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), "accuracy", ("sentence1", "sentence2")
+        ),
+        GlueTask(
+            "qqp", "QQP", ("question1", "question2"), "is_duplicate", ("0", "1"), "accuracy", ("question1", "question2")
+        ),
         GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", None, "pearson", ("sentence1", "sentence2")),
         GlueTask(
-            "mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction"), "accuracy",
+            "mnli",
+            "MNLI",
+            ("sentence1", "sentence2"),
+            "gold_label",
+            ("entailment", "neutral", "contradiction"),
+            "accuracy",
             ("premise", "hypothesis"),
             eval_splits={
                 "matched": ("dev_matched.tsv", "validation_matched"),
                 "mismatched": ("dev_mismatched.tsv", "validation_mismatched"),
             },
         ),
-        GlueTask("qnli", "QNLI", ("question", "sentence"), "label", ("entailment", "not_entailment"), "accuracy", ("question", "sentence")),
-        GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"), "accuracy", ("sentence1", "sentence2")),
+        GlueTask(
+            "qnli",
+            "QNLI",
+            ("question", "sentence"),
+            "label",
+            ("entailment", "not_entailment"),
+            "accuracy",
+            ("question", "sentence"),
+        ),
+        GlueTask(
+            "rte",
+            "RTE",
+            ("sentence1", "sentence2"),
+            "label",
+            ("entailment", "not_entailment"),
+            "accuracy",
+            ("sentence1", "sentence2"),
+        ),
     )
 }
 
@@ -209,12 +240,18 @@ def glue_split_from_records(task: GlueTask | str, records, source: str) -> GlueS
     return GlueSplit(texts[0], texts[1] if len(texts) > 1 else None, labels, source)
 
 
-def load_glue_hub(task: GlueTask | str, dataset: str = "nyu-mll/glue", cache_dir: str | None = None) -> dict[str, GlueSplit]:
+def load_glue_hub(
+    task: GlueTask | str, dataset: str = "nyu-mll/glue", cache_dir: str | None = None
+) -> dict[str, GlueSplit]:
     """``train`` and the evaluation split(s) of the hub dataset (downloaded once into the datasets cache)."""
     from datasets import load_dataset
 
     task = get_task(task) if isinstance(task, str) else task
-    splits = {"train": glue_split_from_records(task, load_dataset(dataset, task.name, split="train", cache_dir=cache_dir), f"{dataset}/{task.name}/train")}
+    splits = {
+        "train": glue_split_from_records(
+            task, load_dataset(dataset, task.name, split="train", cache_dir=cache_dir), f"{dataset}/{task.name}/train"
+        )
+    }
     for split, (_, hub_split) in task.eval_splits.items():
         records = load_dataset(dataset, task.name, split=hub_split, cache_dir=cache_dir)
         splits[split] = glue_split_from_records(task, records, f"{dataset}/{task.name}/{hub_split}")
@@ -225,11 +262,15 @@ def carve_validation(train: GlueSplit, size: int | float, seed: int) -> tuple[Gl
     """Hold out a seeded random part of ``train`` as the validation split (``size``: rows, or a fraction < 1)."""
     count = int(round(size * len(train))) if isinstance(size, float) and size < 1 else int(size)
     if not 0 < count < len(train):
-        raise DataError(f"validation size {size!r} leaves no rows on one side of the {len(train)} rows of {train.source}")
+        raise DataError(
+            f"validation size {size!r} leaves no rows on one side of the {len(train)} rows of {train.source}"
+        )
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     held, kept = sorted(order[:count]), sorted(order[count:])
-    return train.select(kept, f"{train.source} (minus {count} held out)"), train.select(held, f"{train.source} ({count} held out)")
+    return train.select(kept, f"{train.source} (minus {count} held out)"), train.select(
+        held, f"{train.source} ({count} held out)"
+    )
 
 
 def subsample(split: GlueSplit, limit: int | None, seed: int) -> GlueSplit:
@@ -262,8 +303,13 @@ class EncodedGlue:
             for key, values in again.items():
                 for i, value in zip(long, values):
                     self.encoded[key][i] = value
-            log.info("%s: %d of %d rows are longer than max_length=%d tokens and were truncated", split.source, len(long),
-                     len(split), max_length)
+            log.info(
+                "%s: %d of %d rows are longer than max_length=%d tokens and were truncated",
+                split.source,
+                len(long),
+                len(split),
+                max_length,
+            )
         self.truncated = len(long)
         self.labels = split.labels
         self.keys = list(self.encoded.keys())

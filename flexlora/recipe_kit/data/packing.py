@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-
 PACKING_ATTENTION = ("sdpa", "flash_attention_2")
 
 

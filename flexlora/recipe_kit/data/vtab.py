@@ -76,7 +76,9 @@ def _class_folders(split_dir: Path) -> list[Path]:
 
 def _class_ids(task_dir: Path) -> dict[str, int]:
     """Class-folder name -> id, identical for every split of the task (see the module docstring)."""
-    names = sorted({p.name for split in SPLITS if (task_dir / split).is_dir() for p in _class_folders(task_dir / split)})
+    names = sorted(
+        {p.name for split in SPLITS if (task_dir / split).is_dir() for p in _class_folders(task_dir / split)}
+    )
     if all(name.isdigit() for name in names):
         return {name: int(name) for name in names}
     return {name: i for i, name in enumerate(names)}
@@ -111,8 +113,10 @@ def read_list_file(path: str | Path) -> list[tuple[Path, int]]:
             missing.append(f"line {number}: {image}")
     if missing:
         more = f" ... and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise DataError(f"{path}: {len(missing)} image file(s) missing (paths relative to {path.parent}): "
-                        f"{'; '.join(missing[:5])}{more}")
+        raise DataError(
+            f"{path}: {len(missing)} image file(s) missing (paths relative to {path.parent}): "
+            f"{'; '.join(missing[:5])}{more}"
+        )
     if not samples:
         raise DataError(f"{path}: no samples")
     return samples
@@ -137,7 +141,9 @@ def list_split(root: str | Path, task: str, split: str) -> list[tuple[Path, int]
     elif list_file.is_file():
         samples = read_list_file(list_file)
     else:
-        raise FileNotFoundError(f"VTAB-1k {task}/{split}: neither the folder {split_dir} nor the list file {list_file} exists")
+        raise FileNotFoundError(
+            f"VTAB-1k {task}/{split}: neither the folder {split_dir} nor the list file {list_file} exists"
+        )
     if task in VTAB_TASKS:
         limit = VTAB_TASKS[task].num_classes
         bad = sorted({label for _, label in samples if label >= limit})
@@ -195,8 +201,13 @@ class HubSamples:
 
 
 def load_hub_split(
-    path: str, split: str, name: str | None = None, image_column: str = "image", label_column: str = "label",
-    cache_dir: str | None = None, data_dir: str | None = None,
+    path: str,
+    split: str,
+    name: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    cache_dir: str | None = None,
+    data_dir: str | None = None,
 ) -> HubSamples:
     """One split of a ``datasets`` dataset: a hub id, or a packaged builder such as ``imagefolder`` + ``data_dir``."""
     from datasets import load_dataset
