@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from flexlora.recipe_kit.loop import setup_logging
 from flexlora.recipe_kit.models import load_causal_lm
-from flexlora.recipe_kit.run_config import ModelConfig
+from flexlora.recipe_kit.records import setup_logging
 from flexlora.recipe_kit.scoring import (
     PAPER_TASKS,
     PROTOCOLS,
@@ -36,6 +35,7 @@ from flexlora.recipe_kit.scoring import (
     format_table,
     write_report,
 )
+from flexlora.recipe_kit.sections import ModelConfig
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -34,9 +34,10 @@ from accelerate.utils import set_seed
 from flexlora import FlexLoRAConfig
 from flexlora.recipe_kit.classifier import ClassifierRunSections, train_and_evaluate
 from flexlora.recipe_kit.data import glue
-from flexlora.recipe_kit.loop import start_run
 from flexlora.recipe_kit.models import load_classifier, model_name, resolve_model_location
-from flexlora.recipe_kit.run_config import ModelConfig, TrainConfig, run_recipe
+from flexlora.recipe_kit.run_config import run_recipe
+from flexlora.recipe_kit.sections import ModelConfig, TrainConfig
+from flexlora.recipe_kit.startup import start_run
 
 log = logging.getLogger("deberta_glue")
 

@@ -40,18 +40,11 @@ from flexlora.recipe_kit.data.commonsense import (
     tokenize_rows,
     write_synthetic_dataset,
 )
-from flexlora.recipe_kit.loop import start_run
 from flexlora.recipe_kit.models import load_causal_lm, main_process_loads_weights
-from flexlora.recipe_kit.run_config import (
-    CheckpointConfig,
-    ConfigError,
-    LoggingConfig,
-    ModelConfig,
-    TrainConfig,
-    check_run_sections,
-    run_recipe,
-)
+from flexlora.recipe_kit.run_config import ConfigError, run_recipe
 from flexlora.recipe_kit.scoring import EvalConfig, evaluate, format_table, plan_tasks, write_report
+from flexlora.recipe_kit.sections import CheckpointConfig, LoggingConfig, ModelConfig, TrainConfig, check_run_sections
+from flexlora.recipe_kit.startup import start_run
 from flexlora.recipe_kit.train_setup import build_training, refuse_unsupported_engine, run_metrics, save_outputs
 
 log = logging.getLogger("llama3_cr")

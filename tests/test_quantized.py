@@ -118,7 +118,7 @@ def test_recipe_on_an_nf4_base_trains_resumes_and_exports(
     from safetensors.torch import load_file
 
     from flexlora.recipe_kit.models import load_causal_lm
-    from flexlora.recipe_kit.run_config import ModelConfig
+    from flexlora.recipe_kit.sections import ModelConfig
 
     loaded = []
 
@@ -161,7 +161,7 @@ def test_recipe_on_an_nf4_base_trains_resumes_and_exports(
 
 def test_random_init_builds_an_nf4_base_too(tiny_model_dir):
     from flexlora.recipe_kit.models import load_causal_lm
-    from flexlora.recipe_kit.run_config import ModelConfig
+    from flexlora.recipe_kit.sections import ModelConfig
 
     model, _ = load_causal_lm(
         ModelConfig(path=str(tiny_model_dir), init="random", quantization="nf4"), torch.device("cpu")
@@ -175,7 +175,8 @@ def test_quantization_errors_are_one_line_config_errors_naming_the_setting(monke
     import importlib.util
 
     from flexlora.recipe_kit.models import load_classifier, quantization_config
-    from flexlora.recipe_kit.run_config import ConfigError, ModelConfig
+    from flexlora.recipe_kit.run_config import ConfigError
+    from flexlora.recipe_kit.sections import ModelConfig
     from flexlora.recipe_kit.train_setup import refuse_unsupported_engine
 
     with pytest.raises(ValueError, match="model.quantization must be none or nf4, got 'int4'"):

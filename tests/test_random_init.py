@@ -13,7 +13,8 @@ from test_recipe_cr import tiny_overrides
 from tiny_models import build_tiny_tokenizer
 
 from flexlora.recipe_kit.models import load_causal_lm, load_classifier
-from flexlora.recipe_kit.run_config import ConfigError, ModelConfig, load_config
+from flexlora.recipe_kit.run_config import ConfigError, load_config
+from flexlora.recipe_kit.sections import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3_8B_DIR = REPO / "recipes" / "configs" / "models" / "llama3-8b"

@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .records import read_jsonl, trim_jsonl
-from .run_config import CheckpointConfig, LoggingConfig, check_run_sections
+from .sections import CheckpointConfig, LoggingConfig, check_run_sections
 from .train_setup import build_training, run_metrics, save_outputs
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from flexlora.config import FlexLoRAConfig
 from flexlora.export import export_peft, load_adapter_state, save_adapters
 from flexlora.model import Adapters, inject
 
-from .run_config import METHODS
+from .sections import METHODS
 
 
 class AdapterMethod(abc.ABC):

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .run_config import ConfigError, ModelConfig
+from .run_config import ConfigError
+from .sections import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import re
+import sys
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker, on_main_process
 
-from .run_config import LoggingConfig
+from .sections import LoggingConfig
 
 # Figure 2's letters for the matrices of a block: Q K V, A (attention output), I / O (feed-forward in / out), and
 # Llama's MLP names. Longest suffix first: "attention.output.dense" must win over "output.dense".
@@ -190,3 +192,12 @@ def trim_jsonl(path: Path, last_step: int) -> None:
     """Drop the records of steps after ``last_step`` (a resumed run writes them again)."""
     if path.is_file():
         path.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= last_step))
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )

@@ -20,7 +20,7 @@ import flexlora
 from flexlora.accelerate_setup import build_accelerator
 from flexlora.export import adapter_state_dict
 from flexlora.recipe_kit.models import allocate_trainable_parameters, load_causal_lm, main_process_loads_weights
-from flexlora.recipe_kit.run_config import ModelConfig
+from flexlora.recipe_kit.sections import ModelConfig
 
 STEPS, GLOBAL_BATCH, SEQ_LEN = 3, 4, 16
 # Allocation at every step from 1 on: one matrix pruned and one expanded each time.
