@@ -23,7 +23,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
+import flexlora
+from flexlora.accelerate_setup import build_accelerator
 from flexlora.distributed import CollectiveRecorder, lambda_gather_payload
 
 DECISION_CHECK_BYTES = 16  # two int64: the all-reduce comparing decision digests
@@ -160,7 +163,8 @@ def _size(num_bytes: int) -> str:
 def print_computed() -> None:
     print("## Computed from shapes (fp32 lambda buffer, per allocation step, per process)\n")
     print(
-        "| model | r | R | modules | processes | engine | collectives | bytes sent | bytes received | P+Q of all adapters (fp32), for scale |"
+        "| model | r | R | modules | processes | engine | collectives | bytes sent | bytes received "
+        "| P+Q of all adapters (fp32), for scale |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = [computed_row(SMOLLM2_135M, 8, 2, True), computed_row(SMOLLM2_135M, 8, 2, False)]
@@ -177,10 +181,6 @@ def print_computed() -> None:
 
 
 def measure() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import flexlora
-    from flexlora.accelerate_setup import build_accelerator
 
     accelerator = build_accelerator()
     s = SMOLLM2_135M
@@ -218,7 +218,8 @@ def measure() -> None:
         print(
             f"## Measured: {s.name}-shaped adapters, {len(adapters.layers)} modules, R = {flex.max_rank}, "
             f"{accelerator.num_processes} processes, {accelerator.distributed_type.value} "
-            f"({accelerator.device.type}, {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'no process group'})\n"
+            f"({accelerator.device.type}, "
+            f"{torch.distributed.get_backend() if torch.distributed.is_initialized() else 'no process group'})\n"
         )
         mesh = getattr(adapters.layers[adapters.names[0]].lora_lambda, "device_mesh", None)
         if mesh is not None:

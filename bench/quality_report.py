@@ -6,8 +6,7 @@ import math
 import statistics
 from collections import Counter
 
-from bench.common import markdown_table, provenance
-from bench.quality import (
+from bench.quality_plan import (
     CONVERGED_POINTS,
     CR_TASKS,
     GLUE_METRICS,
@@ -23,6 +22,11 @@ from bench.quality import (
     plan,
     sweep_runs,
 )
+from bench.reporting import markdown_table, provenance
+from flexlora.recipe_kit.data.commonsense import load_rows
+from flexlora.recipe_kit.run_config import load_config
+from flexlora.recipe_kit.scoring import local_task_file
+from recipes.llama3_cr import RecipeConfig
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -375,22 +379,14 @@ def update_table(results, cells) -> str:
 def constant_answer_shares(profile: Profile) -> dict[str, float]:
     """Per commonsense task: the accuracy of always giving its most common gold answer on the items the runs score
     (the first ``eval.limit`` of the dev split); tasks whose local dev file is not there are left out."""
-    from flexlora.recipe_kit.data.commonsense import load_rows
-    from flexlora.recipe_kit.scoring import local_task_file
-
-    config = config_values(profile.cr_config)
-    values = {
-        "data.path": config["data"]["path"],
-        "eval.data_dir": config["eval"].get("data_dir"),
-        "eval.split": config["eval"]["split"],
-        "eval.limit": config["eval"].get("limit"),
-    } | profile.cr_overrides
-    data_dir = ROOT / str(values["eval.data_dir"] or values["data.path"])
-    limit = None if values["eval.limit"] in (None, "null") else int(values["eval.limit"])
+    overrides = [f"{key}={value}" for key, value in profile.cr_overrides.items()]
+    config = load_config(RecipeConfig, ROOT / profile.cr_config, overrides)  # the yaml leaves defaults unstated
+    data_dir = ROOT / (config.eval.data_dir or config.data.path)
+    limit = config.eval.limit
     shares = {}
     for task, _ in CR_TASKS:
         try:
-            path = local_task_file(data_dir, task, str(values["eval.split"]))
+            path = local_task_file(data_dir, task, config.eval.split)
         except FileNotFoundError:
             continue
         answers = [row["answer"] for row in load_rows(path, require_answer=True)[0][:limit]]
@@ -488,8 +484,8 @@ def report(
     finished_times = sorted(results[run.id]["finished"] for run in done)
     parts = [
         f"# Quality at equal budget: FlexLoRA vs PEFT LoRA / AdaLoRA (`--{profile_name.replace('_', ' --')}`)",
-        f"Profile: {profile.note}. Every cell is mean ± sample std over seeds, x 100. Same budget: r = 8 on every target "
-        "matrix (LoRA rank 8; FlexLoRA capacity 12 with 8 active; AdaLoRA init_r 12 -> target_r 8), same steps, "
+        f"Profile: {profile.note}. Every cell is mean ± sample std over seeds, x 100. Same budget: r = 8 on every "
+        "target matrix (LoRA rank 8; FlexLoRA capacity 12 with 8 active; AdaLoRA init_r 12 -> target_r 8), same steps, "
         "schedule and data; the lr is each method's best multiple of the task config's lr on the "
         f"{GLUE_METRICS[profile.sweep_task][0]} sweep (validation split, seed 0).",
         provenance(command, device, wall_s, loads),
@@ -508,11 +504,12 @@ def report(
         )
         + "."
         + (f" Waiting for an lr sweep: {', '.join(waiting)}." if waiting else ""),
-        f"## lr sweep ({GLUE_METRICS[profile.sweep_task][0]} {GLUE_METRICS[profile.sweep_task][1][0]}, validation split)",
+        f"## lr sweep ({GLUE_METRICS[profile.sweep_task][0]} {GLUE_METRICS[profile.sweep_task][1][0]}, "
+        "validation split)",
         "Each method's sweep runs seed 0, each switch's its own seeds; the chosen multiple has the best mean. A run "
-        f"counts as diverged when it stopped on a non-finite loss or ended more than {DIVERGED_POINTS} points below its "
-        "sweep's best mean. Users rarely tune the lr finely: the wider the range within 1 point of the best, the better "
-        "the method tolerates an untuned lr.",
+        f"counts as diverged when it stopped on a non-finite loss or ended more than {DIVERGED_POINTS} points below "
+        "its sweep's best mean. Users rarely tune the lr finely: the wider the range within 1 point of the best, the "
+        "better the method tolerates an untuned lr.",
         sweep_table(profile, results, tables),
     ]
     failed = [r for r in results.values() if r.get("status") == "failed"]

@@ -15,10 +15,14 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.quality import (
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification
+
+from bench.quality_plan import (
     CR_TASKS,
     GLUE_METRICS,
-    RECIPES,
     ROOT,
     Profile,
     Run,
@@ -28,13 +32,12 @@ from bench.quality import (
     plan,
     sweep_runs,
 )
+from flexlora.recipe_kit.data.glue import GLUE_TASKS
 from flexlora.recipe_kit.records import read_jsonl, short_module_name
+from flexlora.recipe_kit.run_config import TrainingStopped
+from recipes import deberta_glue, llama3_cr
 
-
-def _recipe_main(kind: str):
-    import importlib
-
-    return importlib.import_module(f"recipes.{RECIPES[kind].stem}").main
+RECIPE_MAINS = {"glue": deberta_glue.main, "cr": llama3_cr.main}  # bench.quality_plan.RECIPES: the same, as files
 
 
 def allocation_statistics(out: Path) -> dict:
@@ -60,15 +63,7 @@ def update_statistics(out: Path, task: str) -> dict:
     """How large and how spread the learned update is at the end of a GLUE run, read off its PEFT export with PEFT's
     own ``get_delta_weight`` (the same for every method): the mean over adapted matrices of ||Delta W||_F / ||W||_F,
     and of Delta W's effective rank, exp(entropy of its normalised singular values)."""
-    import json as json_module
-
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    from flexlora.recipe_kit.data.glue import GLUE_TASKS
-
-    base_path = json_module.loads((out / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_path = json.loads((out / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=GLUE_TASKS[task].num_labels)
     model = PeftModel.from_pretrained(base, out / "peft")
     relative, effective = [], []
@@ -163,10 +158,6 @@ def execute(run: Run, out: Path, threads: int, locations: list[str]) -> dict:
     """Run one recipe in this (fresh) process, its output in <out>/run.log; never raises. ``locations`` (where data
     and model are on this machine) follow the run's own arguments. A run stopped on a non-finite loss is a result:
     ``diverged``."""
-    import torch
-
-    from flexlora.recipe_kit.run_config import TrainingStopped
-
     if threads:
         torch.set_num_threads(threads)
     prepare_output_dir(run, out)
@@ -176,7 +167,7 @@ def execute(run: Run, out: Path, threads: int, locations: list[str]) -> dict:
         os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
         try:
-            _recipe_main(run.kind)([*run.args, *(locations if run.kind == "glue" else ()), f"output_dir={out}"])
+            RECIPE_MAINS[run.kind]([*run.args, *(locations if run.kind == "glue" else ()), f"output_dir={out}"])
             result = {"status": "ok", **summarise(run, out)}
         except TrainingStopped as error:
             traceback.print_exc()
@@ -238,8 +229,6 @@ def run_all(
     """Run every pending run (or those of ``only``), ``jobs`` at a time, planning again after each one (an lr sweep
     that finishes releases the runs that use its choice); each finished run's result file is written at once.
     After ``stop_after_s`` no run starts (those in flight finish)."""
-    from tqdm.auto import tqdm
-
     results = load_results(runs_dir)
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the fresh processes

@@ -18,14 +18,19 @@ B. Communication per allocation step for LLaMA3-8B / 70B shapes at r = 8 and 32 
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.common import CLOCKS, TARGETS, Schedule, load_averages, markdown_table, median, provenance, time_decision
+from bench.common import CLOCKS, TARGETS, Schedule, time_decision
+from bench.reporting import load_averages, markdown_table, median, provenance
+from flexlora import FlexLoRAConfig, RankAllocator, inject
+from flexlora.distributed import lambda_gather_payload
 
 PROFILES = {
     "smoke": dict(matrices=[10, 100], capacities=[12], reps=2, threads=1),
@@ -82,7 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- A: measured decision / allocation cost ------------------------------------------------------------
 def synthetic_allocator(n: int, capacity: int, schedule: Schedule):
     """N FlexLoRA layers of d x d, d = max(8, R), with random lambda, r = 2/3 capacity active, and live AdamW state."""
-    from flexlora import FlexLoRAConfig, RankAllocator, inject
 
     torch.manual_seed(0)
     side = max(SYNTHETIC_D, capacity)
@@ -132,10 +136,6 @@ def time_allocation(n: int, capacity: int, reps: int, clock) -> dict[str, list[f
 
 # ---- B: communication from shapes ----------------------------------------------------------------------
 def communication_rows() -> list[list]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from flexlora import FlexLoRAConfig, inject
-    from flexlora.distributed import lambda_gather_payload
 
     rows = []
     for name, shape in LLAMA3.items():
@@ -185,7 +185,6 @@ def _human(n_bytes: float) -> str:
 
 def _slope(points: list[tuple[int, float]]) -> float:
     """Least-squares log-log slope over the three largest N: 1.0 means time grows linearly with N."""
-    import math
 
     xs, ys = zip(*[(math.log(n), math.log(t)) for n, t in sorted(points)[-3:]])
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
@@ -222,11 +221,12 @@ def report(args, measured, comm, wall_s, loads, command) -> str:
         "## A. Allocation cost vs number of matrices N and capacity R (measured)",
         "",
         f"Synthetic FlexLoRA layers of d x d, d = max({SYNTHETIC_D}, R), with random lambda, r = 2R/3 active, AdamW "
-        f"state; one process; b0 = {Schedule(1).b0} prunes and {Schedule(1).b0} expands per step; median of {args.reps} "
-        f"steps (after one dropped warm-up), timed in {'process CPU time' if args.clock == 'cpu' else 'wall time'} "
-        f"with {torch.get_num_threads()} intra-op thread(s). 'gather' stacks lambda and the masks into [N, R] (no collective in one "
-        "process); 'decide' is `RankAllocator.decide` (gather + importance + selection as the library calls them); "
-        "'step' is `RankAllocator.step` (decide + apply + optimizer surgery). Milliseconds:",
+        f"state; one process; b0 = {Schedule(1).b0} prunes and {Schedule(1).b0} expands per step; median of "
+        f"{args.reps} steps (after one dropped warm-up), timed in "
+        f"{'process CPU time' if args.clock == 'cpu' else 'wall time'} with {torch.get_num_threads()} intra-op "
+        "thread(s). 'gather' stacks lambda and the masks into [N, R] (no collective in one process); 'decide' is "
+        "`RankAllocator.decide` (gather + importance + selection as the library calls them); 'step' is "
+        "`RankAllocator.step` (decide + apply + optimizer surgery). Milliseconds:",
         "",
     ]
     rows = []
@@ -304,7 +304,8 @@ def main(argv=None) -> None:
         for n in args.matrices:
             measured[(n, capacity)] = time_allocation(n, capacity, args.reps, CLOCKS[args.clock])
             print(
-                f"N={n} R={capacity}: step {median(measured[(n, capacity)]['step']) * 1e3:.2f} ms, load {load_averages()}",
+                f"N={n} R={capacity}: step {median(measured[(n, capacity)]['step']) * 1e3:.2f} ms, "
+                f"load {load_averages()}",
                 file=sys.stderr,
             )
     comm = communication_rows()

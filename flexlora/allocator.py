@@ -15,10 +15,12 @@ import torch
 
 from . import distributed
 from .config import FlexLoRAConfig
+from .errors import ModelMismatchError
 from .expansion import direction_seed, new_direction
 from .importance import matrix_importance
 from .layer import FlexLoRALayer
 from .model import Adapters
+from .names import FACTOR_TENSORS
 from .optim_state import reset_slot_state
 from .schedule import ranks_to_move
 from .selection import first_free_slot, select_matrices, weakest_active_slot
@@ -34,6 +36,18 @@ class RankChange:
     rank_after: int
     score: float
     budget: int
+
+
+def choose_changes(
+    config: FlexLoRAConfig, scores: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor, budget: int
+) -> list[tuple[str, int, int, float]]:
+    """The last part of ``RankAllocator.decide``: which matrices prune and expand at budget b(t), and the slot each
+    one changes, as (action, module index, slot, score)."""
+    ranks = mask.sum(dim=1).long().tolist()
+    prune, expand = select_matrices(scores.tolist(), ranks, budget, config.min_rank, config.max_rank, config.mode)
+    decision = [("prune", i, weakest_active_slot(lam[i], mask[i]), float(scores[i])) for i in prune]
+    decision += [("expand", i, first_free_slot(mask[i]), float(scores[i])) for i in expand]
+    return decision
 
 
 class _SensitivityTracker:
@@ -101,14 +115,16 @@ class RankAllocator:
         flex prunes b matrices and expands b others (2 b0 <= N); prune_only / expand_only touch b matrices (b0 <= N)."""
         n, b0 = len(self.layers), self.config.b0
         if self.config.mode == "flex" and 2 * b0 > n:
-            raise ValueError(
-                f"b0={b0} is more than half the N={n} adapted matrices: each allocation step prunes b(t) <= b0 matrices "
-                f"and expands b(t) others, so 2 * b0 <= N; lower b0 to at most {n // 2} (b0=0 trains with allocation "
-                "frozen) or adapt more modules"
+            raise ModelMismatchError(
+                f"b0={b0} is more than half the N={n} adapted matrices: each allocation step prunes b(t) <= b0 "
+                f"matrices and expands b(t) others, so 2 * b0 <= N; lower b0 to at most {n // 2} (b0=0 trains with "
+                "allocation frozen) or adapt more modules",
+                ("b0",),
             )
         if b0 > n:
-            raise ValueError(
-                f"b0={b0} is more than the N={n} adapted matrices (mode={self.config.mode}); lower b0 to at most {n}"
+            raise ModelMismatchError(
+                f"b0={b0} is more than the N={n} adapted matrices (mode={self.config.mode}); lower b0 to at most {n}",
+                ("b0",),
             )
 
     # ---- decision -------------------------------------------------------------------------------------
@@ -139,24 +155,27 @@ class RankAllocator:
                 f"step {step}: lambda of {names} contains NaN or inf; lower the learning rate or check the data"
             )
 
+    def gather_spectra(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """lambda [N, R] of every adapted matrix, whole on every process, and the rank masks [N, R]; lambda checked
+        finite. The first part of ``decide``, public so that bench/ can time it."""
+        lam, collectives = distributed.gather_lambda_matrix([layer.lora_lambda for layer in self.layers])
+        self.collectives_last_step += collectives
+        mask = torch.stack([layer.rank_mask.detach().double().cpu() for layer in self.layers])
+        self._validate(lam, step)
+        return lam, mask
+
+    def matrix_scores(self, lam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each matrix's importance under ``config.importance`` (the second part of ``decide``)."""
+        slot_sensitivity = self._slot_sensitivity() if self.sensitivity is not None else None
+        return matrix_importance(self.config.importance, lam, mask, self.config.entropy_eps, slot_sensitivity)
+
     def decide(self, step: int) -> tuple[int, list[tuple[str, int, int, float]]]:
         """The budget b(t) and the changes (action, module index, slot, score); none outside allocation steps."""
         budget = ranks_to_move(step, self.config)
         if budget == 0:
             return 0, []
-        lam, collectives = distributed.gather_lambda_matrix([layer.lora_lambda for layer in self.layers])
-        self.collectives_last_step += collectives
-        mask = torch.stack([layer.rank_mask.detach().double().cpu() for layer in self.layers])
-        self._validate(lam, step)
-        slot_sensitivity = self._slot_sensitivity() if self.sensitivity is not None else None
-        scores = matrix_importance(self.config.importance, lam, mask, self.config.entropy_eps, slot_sensitivity)
-        ranks = mask.sum(dim=1).long().tolist()
-        prune, expand = select_matrices(
-            scores.tolist(), ranks, budget, self.config.min_rank, self.config.max_rank, self.config.mode
-        )
-        decision = [("prune", i, weakest_active_slot(lam[i], mask[i]), float(scores[i])) for i in prune]
-        decision += [("expand", i, first_free_slot(mask[i]), float(scores[i])) for i in expand]
-        return budget, decision
+        lam, mask = self.gather_spectra(step)
+        return budget, choose_changes(self.config, self.matrix_scores(lam, mask), lam, mask, budget)
 
     # ---- applying it to the tensors this process holds ------------------------------------------------
     @torch.no_grad()
@@ -209,7 +228,7 @@ class RankAllocator:
         if self.sensitivity is not None:
             params, names = [], []
             for name, layer in zip(self.names, self.layers):
-                for attr in ("lora_P", "lora_lambda", "lora_Q"):
+                for attr in FACTOR_TENSORS:
                     params.append(getattr(layer, attr))
                     names.append(f"{name}.{attr}")
             self.sensitivity.update(params, names)

@@ -6,28 +6,41 @@ import dataclasses
 import math
 import numbers
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-IMPORTANCE_METRICS = ("entropy", "nuclear", "frobenius", "sensitivity", "elem", "mat")
-MODES = ("flex", "prune_only", "expand_only")
-EXPAND_INITS = ("zero_impact", "small", "zero", "orthogonal")
-FACTOR_INITS = ("gaussian", "orthonormal")
-SCHEDULES = ("paper", "constant")
-ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
-ORTH_REG_FORMS = ("mean_norm", "eq2_sum")  # see flexlora.regulariser
+from .errors import UserError
+from .names import ADAPTER_DTYPES, EXPAND_INITS, FACTOR_INITS, IMPORTANCE_METRICS, MODES, ORTH_REG_FORMS, SCHEDULES
 
 
-class InvalidConfigError(ValueError):
-    """A FlexLoRAConfig that cannot run. ``problems`` holds one message per problem, each starting with the field it
-    names (so a recipe can prefix its section: ``adapter.r must be ...``)."""
+class InvalidConfigError(UserError):
+    """A config that cannot run (a FlexLoRAConfig, or a section of a recipe's config). ``problems`` holds one message
+    per problem, each starting with the field it names, so whoever knows where the config sits prefixes its section
+    (a recipe: ``adapter.r must be ...``, ``train.lr must be ...``)."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], config_name: str = "FlexLoRAConfig"):
         self.problems = list(problems)
-        super().__init__("invalid FlexLoRAConfig:\n  - " + "\n  - ".join(self.problems))
+        fields = [problem.split(" ", 1)[0].rstrip(":") for problem in self.problems]
+        super().__init__(f"invalid {config_name}:\n  - " + "\n  - ".join(self.problems), fields)
+
+
+def raise_problems(config: object, problems: Iterable[str | None]) -> None:
+    """How every config check reports: all problems found at once (a None entry is a check that passed), in one
+    InvalidConfigError naming ``config``'s class; nothing when there are none."""
+    found = [problem for problem in problems if problem is not None]
+    if found:
+        raise InvalidConfigError(found, type(config).__name__)
+
+
+def choice_problem(name: str, value: Any, allowed: tuple[str, ...]) -> str | None:
+    """The problem with a field that must be one of the names in ``allowed`` (a closed set), or None."""
+    if isinstance(value, str) and value in allowed:
+        return None
+    return f"{name} must be one of {', '.join(allowed)}; got {value!r}"
 
 
 def _is_int(value: Any) -> bool:
@@ -61,7 +74,8 @@ def _module_names_problem(name: str, value: Any, regex_allowed: bool) -> str | N
     """target_modules (a list of names or one regex) / modules_to_save (a list of names): the message, or None."""
     if isinstance(value, str):
         if not regex_allowed:
-            return f"{name} must be a list of module names (e.g. [{value.strip() or 'classifier'!r}]), got the string {value!r}"
+            example = value.strip() or "classifier"
+            return f"{name} must be a list of module names (e.g. [{example!r}]), got the string {value!r}"
         if not value.strip():
             return f"{name} is empty: name the modules to adapt (e.g. ['q_proj', 'v_proj']) or give a regex"
         try:
@@ -171,21 +185,19 @@ class FlexLoRAConfig:
                     f"{last}): no allocation step would ever run and no rank would move; lower t_warmup (or t_final), "
                     "or set b0=0 to train with allocation frozen"
                 )
-        for name, allowed in (
-            ("importance", IMPORTANCE_METRICS),
-            ("mode", MODES),
-            ("expand_init", EXPAND_INITS),
-            ("factor_init", FACTOR_INITS),
-            ("schedule", SCHEDULES),
-            ("adapter_dtype", ADAPTER_DTYPES),
-            ("orth_reg", ORTH_REG_FORMS),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, str) or value not in allowed:
-                problems.append(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        problems = [p for p in problems if p is not None]
-        if problems:
-            raise InvalidConfigError(problems)
+        problems += [
+            choice_problem(name, getattr(self, name), allowed)
+            for name, allowed in (
+                ("importance", IMPORTANCE_METRICS),
+                ("mode", MODES),
+                ("expand_init", EXPAND_INITS),
+                ("factor_init", FACTOR_INITS),
+                ("schedule", SCHEDULES),
+                ("adapter_dtype", ADAPTER_DTYPES),
+                ("orth_reg", ORTH_REG_FORMS),
+            )
+        ]
+        raise_problems(self, problems)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "FlexLoRAConfig":

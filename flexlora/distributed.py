@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .names import EXPAND_INITS, FACTOR_TENSORS, GLOBAL_EXPAND_INITS, GRADIENT_METRICS, IMPORTANCE_METRICS
+
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - torch without DTensor
@@ -218,7 +220,8 @@ def write_slot(piece: Piece, slot: int, slot_dim: int, value: torch.Tensor | flo
     if torch.is_tensor(value):
         if value.numel() != positions.numel():
             raise ValueError(
-                f"slot of a {piece.shape} tensor along dim {slot_dim} has {positions.numel()} elements, got {value.numel()}"
+                f"slot of a {piece.shape} tensor along dim {slot_dim} has {positions.numel()} elements, "
+                f"got {value.numel()}"
             )
         piece.values[index] = value.flatten()[inside].to(piece.values)
     else:
@@ -332,22 +335,24 @@ def check_allocation_support(model: torch.nn.Module, layers: list, config) -> No
             "the model is wrapped by FSDP1 (FullyShardedDataParallel), whose flat parameters FlexLoRA cannot edit "
             "per direction: use FSDP2 (fsdp_version: 2 in the accelerate config, see accelerate_configs/fsdp2.yaml)"
         )
-    params = [getattr(layer, name) for layer in layers for name in ("lora_P", "lora_lambda", "lora_Q")]
+    params = [getattr(layer, name) for layer in layers for name in FACTOR_TENSORS]
     for param in params:
         if _is_dtensor(param) and is_sharded(param):
             shard_mesh_dim(param)  # refuses a mesh layout the allocator cannot edit, naming it
     deepspeed = any(is_zero3_param(p) or is_zero12_param(p) for p in params)
-    if config.importance == "sensitivity" and deepspeed:
+    if config.importance in GRADIENT_METRICS and deepspeed:
+        lambda_metrics = ", ".join(m for m in IMPORTANCE_METRICS if m not in GRADIENT_METRICS)
         raise RuntimeError(
-            "importance='sensitivity' needs each adapter parameter's gradient after the optimizer step, which "
-            "DeepSpeed frees inside its step: use FSDP2 or DDP for the sensitivity metric, or a lambda-based "
-            "metric (entropy, nuclear, frobenius, elem, mat) with DeepSpeed"
+            f"importance={config.importance!r} needs each adapter parameter's gradient after the optimizer step, "
+            f"which DeepSpeed frees inside its step: use FSDP2 or DDP for this metric, or a lambda-based metric "
+            f"({lambda_metrics}) with DeepSpeed"
         )
-    if config.expand_init in ("orthogonal", "small") and any(is_sharded(p) for p in params):
+    if config.expand_init in GLOBAL_EXPAND_INITS and any(is_sharded(p) for p in params):
+        local_inits = " or ".join(repr(init) for init in EXPAND_INITS if init not in GLOBAL_EXPAND_INITS)
         raise RuntimeError(
             f"expand_init={config.expand_init!r} orthogonalises a new direction against all active columns of P "
-            "and rows of Q, which a sharded engine (FSDP2, ZeRO-3) spreads over processes: use expand_init="
-            "'zero_impact' or 'zero' there, or DDP / ZeRO-2 / one device for this ablation"
+            f"and rows of Q, which a sharded engine (FSDP2, ZeRO-3) spreads over processes: use expand_init="
+            f"{local_inits} there, or DDP / ZeRO-2 / one device for this ablation"
         )
 
 

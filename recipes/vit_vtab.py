@@ -1,16 +1,20 @@
-"""VTAB-1k fine-tuning (paper §4.5, Table 3, App. D.3 Tables 10 / 11): FlexLoRA, LoRA or AdaLoRA on ViT-B/16 (ImageNet-21k).
+"""VTAB-1k fine-tuning (paper §4.5, Table 3, App. D.3 Tables 10 / 11): FlexLoRA, LoRA or AdaLoRA on ViT-B/16
+(ImageNet-21k).
 
-    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/vit_vtab.py --config recipes/configs/vtab/vit_b16_in21k.yaml data.task=cifar
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/vit_vtab.py \\
+        --config recipes/configs/vtab/vit_b16_in21k.yaml data.task=cifar
     for task in cifar caltech101 dtd oxford_flowers102 oxford_iiit_pet svhn sun397 patch_camelyon eurosat resisc45 \\
-                diabetic_retinopathy clevr_count clevr_dist dmlab kitti dsprites_loc dsprites_ori smallnorb_azi smallnorb_ele; do
+                diabetic_retinopathy clevr_count clevr_dist dmlab kitti dsprites_loc dsprites_ori smallnorb_azi \\
+                smallnorb_ele; do
       accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/vit_vtab.py \\
         --config recipes/configs/vtab/vit_b16_in21k.yaml data.task=$task method=flexlora
     done
 
 ``data.protocol=final`` (default) trains on all 1000 images (train800val200) and scores the official test set, as
 Table 3 reports; ``data.protocol=tuning`` trains on train800 and scores val200, for choosing hyper-parameters.
-Data layouts (image folders, the VTAB-1k list files, or a hub dataset): see flexlora/recipe_kit/data/vtab.py. Images are resized and
-normalised by the model's own image processor (for the ImageNet-21k ViT-B/16: 224 x 224, mean = std = 0.5).
+Data layouts (image folders, the VTAB-1k list files, or a hub dataset): see flexlora/recipe_kit/data/vtab.py. Images
+are resized and normalised by the model's own image processor (for the ImageNet-21k ViT-B/16: 224 x 224,
+mean = std = 0.5).
 
 Any image classifier works through ``AutoModelForImageClassification``: set ``model.path`` and name its linear
 layers in ``adapter.target_modules`` and its head in ``adapter.modules_to_save``. Overrides as in the other recipes
@@ -19,24 +23,29 @@ layers in ``adapter.target_modules`` and its head in ``adapter.modules_to_save``
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import torch
+from accelerate.utils import set_seed
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from flexlora import FlexLoRAConfig
+from flexlora.config import choice_problem, raise_problems
+from flexlora.recipe_kit.checkpoints import content_fingerprint, file_sha256
 from flexlora.recipe_kit.classifier import ClassifierRunSections, train_and_evaluate
 from flexlora.recipe_kit.data import vtab
+from flexlora.recipe_kit.loop import DataIdentity
 from flexlora.recipe_kit.models import load_classifier, model_name, resolve_model_location
 from flexlora.recipe_kit.run_config import run_recipe
-from flexlora.recipe_kit.sections import ModelConfig, TrainConfig
+from flexlora.recipe_kit.sections import DATA_SOURCES, ModelConfig, TrainConfig, minimum_problem
 from flexlora.recipe_kit.startup import start_run
 
 log = logging.getLogger("vit_vtab")
-
-# ViT names in transformers 5 (older checkpoints are renamed on load): attention q/k/v/o and the MLP, six matrices per block
-VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 
 
 @dataclass
@@ -57,57 +66,40 @@ class VtabDataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        errors = []
-        if self.protocol not in vtab.PROTOCOLS:
-            errors.append(f"data.protocol must be one of {', '.join(vtab.PROTOCOLS)}, got {self.protocol!r}")
-        if self.source not in ("local", "hub"):
-            errors.append(f"data.source must be local or hub, got {self.source!r}")
-        if self.source == "hub" and not self.hub_dataset:
-            errors.append("data.source=hub needs data.hub_dataset")
-        if self.task not in vtab.VTAB_TASKS and self.num_classes is None:
-            errors.append(
-                f"data.task {self.task!r} is not a VTAB-1k task ({', '.join(vtab.VTAB_TASKS)}): give data.num_classes"
-            )
-        if self.num_classes is not None and self.num_classes < 2:
-            errors.append(f"data.num_classes must be >= 2, got {self.num_classes}")
-        if self.max_eval_samples is not None and self.max_eval_samples < 1:
-            errors.append(f"data.max_eval_samples must be >= 1 or null, got {self.max_eval_samples}")
-        if self.num_workers < 0:
-            errors.append(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if errors:
-            raise ValueError("; ".join(errors))
+        raise_problems(
+            self,
+            [
+                choice_problem("protocol", self.protocol, tuple(vtab.PROTOCOLS)),
+                choice_problem("source", self.source, DATA_SOURCES),
+                "hub_dataset is empty: source=hub needs the hub dataset to read"
+                if self.source == "hub" and not self.hub_dataset
+                else None,
+                f"task {self.task!r} is not a VTAB-1k task ({', '.join(vtab.VTAB_TASKS)}): give num_classes"
+                if self.task not in vtab.VTAB_TASKS and self.num_classes is None
+                else None,
+                minimum_problem("num_classes", self.num_classes, 2, nullable=True),
+                minimum_problem("max_eval_samples", self.max_eval_samples, 1, nullable=True),
+                minimum_problem("num_workers", self.num_workers, 0),
+            ],
+        )
 
     def classes(self) -> int:
         return self.num_classes if self.num_classes is not None else vtab.VTAB_TASKS[self.task].num_classes
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RecipeConfig(ClassifierRunSections):  # + eval, checkpoint and logging sections
-    method: str = "flexlora"  # flexlora | lora | adalora
+    """The sections with their own defaults; which values the yaml states is in flexlora.recipe_kit.sections."""
+
+    method: str = "flexlora"  # one of flexlora.names.METHODS
     output_dir: str = "outputs/vtab/{task}-{method}"  # {task} and {method} are filled in
-    model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(
-            path="google/vit-base-patch16-224-in21k", dtype="float32", gradient_checkpointing=False
-        )
-    )
+    model: ModelConfig  # given by the yaml: the kit's default model is a causal LM
     data: VtabDataConfig = field(default_factory=VtabDataConfig)
-    # A FlexLoRAConfig; LoRA and AdaLoRA take r, alpha, dropout, targets, head and schedule from it (budget rule in
-    # flexlora.recipe_kit.methods.build_method). total_steps is filled in from the data and train.epochs / train.max_steps.
-    adapter: FlexLoRAConfig = field(
-        default_factory=lambda: FlexLoRAConfig(
-            target_modules=list(VIT_TARGETS),
-            r=8,
-            lora_alpha=16,
-            b0=4,
-            t_warmup=500,
-            t_final=500,
-            delta_t=100,
-            modules_to_save=["classifier"],
-        )
-    )
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=100, batch_size=32, micro_batch_size=32, lr=1e-3, warmup_ratio=0.1)
-    )
+    # A FlexLoRAConfig, given by the yaml; LoRA and AdaLoRA take r, alpha, dropout, targets, head and schedule from it
+    # (budget rule in flexlora.recipe_kit.methods.build_method). total_steps is filled in from the data and
+    # train.epochs / train.max_steps.
+    adapter: FlexLoRAConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         self.check_sections(task=self.data.task)
@@ -140,13 +132,20 @@ def load_vtab_samples(data: VtabDataConfig) -> tuple[object, object, str]:
     return train, evaluation, eval_split
 
 
-def main(argv: list[str] | None = None) -> dict:
-    import torch
-    from accelerate.utils import set_seed
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+def training_data(data: VtabDataConfig, samples) -> DataIdentity:
+    """The training images' identity: each image's bytes (the file's, or the decoded pixels of a hub row) and label."""
 
+    def image_digest(image) -> str:
+        return file_sha256(image) if isinstance(image, Path) else hashlib.sha256(image.tobytes()).hexdigest()
+
+    source = data.root if data.source == "local" else data.hub_dataset
+    rows = ((image_digest(image), label) for image, label in (samples[i] for i in range(len(samples))))
+    return DataIdentity(f"the VTAB-1k {data.task} training images ({source})", content_fingerprint(rows))
+
+
+def main(argv: list[str] | None = None) -> dict:
     config: RecipeConfig
-    config, accelerator, out = start_run(RecipeConfig, argv, log)
+    config, accelerator, _, _ = start_run(RecipeConfig, argv, log)
     is_main = accelerator.is_main_process
     set_seed(config.train.seed)
 
@@ -169,7 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     def score(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         return {"accuracy": vtab.top1_accuracy(logits, labels)}
 
-    title = f"{config.method} rank allocation, VTAB-1k {config.data.task} ({model_name(config.model.path)}, r={config.adapter.r})"
+    title = (
+        f"{config.method} rank allocation, VTAB-1k {config.data.task} "
+        f"({model_name(config.model.path)}, r={config.adapter.r})"
+    )
     describe = {"task": config.data.task, "protocol": config.data.protocol, "model": config.model.path}
     metrics = train_and_evaluate(
         config,
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         model,
         None,
         train_dataset,
+        training_data(config.data, train_samples),
         eval_datasets,
         torch.utils.data.default_collate,
         score,
@@ -186,10 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         num_workers=config.data.num_workers,
     )
     if is_main:
-        print(
-            f"VTAB-1k {config.data.task} {config.method}: {eval_split} accuracy {metrics['final'][f'{eval_split}/accuracy']:.4f}",
-            flush=True,
-        )
+        accuracy = metrics["final"][f"{eval_split}/accuracy"]
+        print(f"VTAB-1k {config.data.task} {config.method}: {eval_split} accuracy {accuracy:.4f}", flush=True)
     accelerator.end_training()
     return metrics
 

@@ -9,10 +9,21 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import TARGETS, make_tiny_llama
 from tiny_models import build_tiny_model_dir
+
+import flexlora
+from bench.comm_volume import LLAMA3_8B, LLAMA3_70B, base_parameters, multinode_row
+from bench.common import llama3_8b_slice, target_shapes, time_decision
+from bench.quality_plan import PROFILES, Run, best_multiples, plan, sweep_runs
+from bench.quality_report import cell, constant_answer_shares, seed_mean_gap, verdict
+from bench.quality_runner import allocation_statistics, prepare_output_dir, start_order
+from flexlora.distributed import lambda_gather_payload
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["flexlora", "flexlora_cap8", "flexlora_no_orth", "lora_r8", "lora_r12", "adalora"]
@@ -242,8 +253,6 @@ def test_paper_schedule_smoke_scores_every_epoch_and_reports_final_and_best(tmp_
         assert run["best_scores"][main] == max(score for _, score in run["curve"])
         assert {"train.epochs=2", "eval.every_n_steps=4", "train.warmup_ratio=0.1"} <= set(run["args"])
     # the full schedule is sized for a GPU: on a CPU it states its estimate and refuses without --force
-    import torch
-
     if torch.cuda.is_available():
         return
     refused = subprocess.run(
@@ -267,10 +276,6 @@ def test_quality_sweep_resumes_instead_of_rerunning(quality):
 
 
 def test_quality_run_output_dir_is_reused_only_by_the_same_run(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    from bench.quality import Run
-    from bench.quality_runner import prepare_output_dir
-
     out = tmp_path / "glue-cola-lora-lr1x-s0"
     old = Run(out.name, "glue", "cola", "lora", 0, 1.0, ("--config", "c.yaml", "train.max_steps=540"))
     prepare_output_dir(old, out)
@@ -286,11 +291,6 @@ def test_quality_run_output_dir_is_reused_only_by_the_same_run(tmp_path):
 
 
 def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    from bench.quality import PROFILES, best_multiples, plan, sweep_runs
-    from bench.quality_report import cell, seed_mean_gap, verdict
-    from bench.quality_runner import allocation_statistics
-
     assert cell([]) == "-"
     assert cell([0.5]) == "50.0"
     assert cell([0.5, 0.7]) == "60.0 ± 14.1"  # sample std of 50 and 70
@@ -365,8 +365,6 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     )
     assert {"adapter.factor_init=orthonormal", "train.lambda_lr_multiplier=auto", "train.lr=0.0004"} <= set(switch.args)
     # start order: lr sweeps, the rows the verdicts compare, the early switch, commonsense, then the other switches
-    from bench.quality_runner import start_order
-
     order = start_order(profile, tables)
     assert order["glue-stsb-lora-lr0.5x-s0"] == 0 and order["glue-mrpc-flexlora-lr2x-s2"] == 1
     assert (
@@ -376,10 +374,6 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     assert "glue-cola-flexlora-orth_regeq2_sum-lr2x-s0" not in order  # last: after every group
 
     # the constant-answer line of the commonsense table: the most common gold answer over the first eval.limit items
-    from dataclasses import replace
-
-    from bench.quality_report import constant_answer_shares
-
     (tmp_path / "data" / "boolq").mkdir(parents=True)
     rows = [
         {"instruction": "q", "input": "", "output": f"the correct answer is {a}", "answer": a}
@@ -407,9 +401,8 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
 
 
 def test_llama3_8b_slice_has_llama3_8b_shapes():
-    """bench/overhead.py --model llama3-8b-slice: LLaMA3-8B's exact shapes at a chosen depth (built on meta: no memory)."""
-    from bench.common import llama3_8b_slice, target_shapes
-
+    """bench/overhead.py --model llama3-8b-slice: LLaMA3-8B's exact shapes at a chosen depth (built on meta: no
+    memory)."""
     model = llama3_8b_slice(3, "meta")
     assert len(model.model.layers) == 3
     assert sum(p.numel() for p in model.model.layers[0].parameters()) == 218_112_000  # one LLaMA3-8B decoder layer
@@ -424,9 +417,6 @@ def test_llama3_8b_slice_has_llama3_8b_shapes():
 def test_comm_volume_multinode_rows_keep_the_hsdp_gather_within_a_node():
     """bench/comm_volume.py's HSDP rows: the lambda all-gather spans one node's GPUs and receives nothing from other
     nodes; plain FSDP2 spans every GPU. The model sizes behind the per-step column are LLaMA3's."""
-    from bench.comm_volume import LLAMA3_8B, LLAMA3_70B, base_parameters, multinode_row
-    from flexlora.distributed import lambda_gather_payload
-
     assert round(base_parameters(LLAMA3_8B) / 1e9, 2) == 8.03 and round(base_parameters(LLAMA3_70B) / 1e9, 1) == 70.6
     for nodes in (2, 8):
         hsdp, fsdp2 = (multinode_row(LLAMA3_8B, 8, nodes, 8, layout) for layout in ("HSDP", "FSDP2"))
@@ -434,3 +424,31 @@ def test_comm_volume_multinode_rows_keep_the_hsdp_gather_within_a_node():
         sent, received = lambda_gather_payload(160, 12, nodes * 8)
         assert fsdp2["sent"] == sent * 4 and fsdp2["within"] + fsdp2["across"] + fsdp2["sent"] == received * 4
         assert fsdp2["step_across"] > 1000 * hsdp["step_across"]  # base weights over the network vs adapter gradients
+
+
+def test_time_decision_times_the_allocators_own_decision_parts(tokens):
+    """bench.common.time_decision calls the parts ``RankAllocator.decide`` is made of, as decide calls them: every
+    importance metric is timed as the library computes it (sensitivity with its slot scores), and nothing changes."""
+    model = make_tiny_llama()
+    config = flexlora.FlexLoRAConfig(
+        target_modules=TARGETS,
+        r=4,
+        lora_alpha=8,
+        b0=2,
+        t_warmup=10,
+        t_final=0,
+        delta_t=5,
+        total_steps=100,
+        importance="sensitivity",
+    )
+    allocator = flexlora.RankAllocator(flexlora.inject(model, config))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    allocator.step(1, optimizer)  # before the first allocation step: records the gradient statistics only
+    masks = [layer.rank_mask.clone() for layer in allocator.layers]
+    ticks = iter(range(100))  # a clock that moves one unit per reading
+    times = time_decision(allocator, 10, lambda: float(next(ticks)))
+    assert times == {"gather": 1.0, "importance": 1.0, "selection": 1.0, "decide": 1.0}
+    assert allocator.history == [] and all(torch.equal(m, layer.rank_mask) for m, layer in zip(masks, allocator.layers))
+    assert len(allocator.step(10, optimizer)) == 4  # the step it timed allocates: 2 prunes and 2 expansions

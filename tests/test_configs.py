@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
 
-from flexlora.recipe_kit.run_config import ConfigError, load_config, parse_cli
+from flexlora.recipe_kit.run_config import ConfigError, check_writable_folder, load_config, parse_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
@@ -40,10 +41,8 @@ def test_every_config_loads_and_validates(recipe, path):
 def test_llama3_configs_use_the_paper_hyperparameters(recipe, rank):
     path = REPO / "recipes" / "configs" / f"llama3_8b_cr_r{rank}.yaml"
     header = path.read_text().splitlines()[1]
-    assert (
-        header.strip()
-        == f"#   accelerate launch --config_file accelerate_configs/fsdp2.yaml recipes/llama3_cr.py --config recipes/configs/llama3_8b_cr_r{rank}.yaml"
-    )
+    launch = "#   accelerate launch --config_file accelerate_configs/fsdp2.yaml recipes/llama3_cr.py"
+    assert header.strip() == f"{launch} --config recipes/configs/llama3_8b_cr_r{rank}.yaml"
     c = load_config(recipe.RecipeConfig, path)
     a, t = c.adapter, c.train
     assert (a.r, a.lora_alpha, a.lora_dropout, a.b0, a.t_warmup, a.t_final, a.delta_t) == (
@@ -109,7 +108,19 @@ def test_bad_values_name_the_key(recipe, override, message):
     with pytest.raises(ConfigError) as error:
         load_config(recipe.RecipeConfig, path, [override])
     assert message in str(error.value)
-    assert "quickstart.yaml" in str(error.value)
+    assert "command line" in str(error.value)  # the override is to blame, not quickstart.yaml
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_value_in_the_file_names_the_file_and_a_default_says_so(recipe, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text((REPO / "recipes" / "configs" / "quickstart.yaml").read_text().replace("  r: 8", "  r: 0", 1))
+    with pytest.raises(ConfigError, match=rf"adapter.r must be an integer >= 1, got 0 \(adapter.r in {path}\)"):
+        load_config(recipe.RecipeConfig, path)
+    with pytest.raises(
+        ConfigError, match=r"adapter.min_rank.*\(adapter.min_rank=9, from the command line; adapter.r in"
+    ):
+        load_config(recipe.RecipeConfig, REPO / "recipes" / "configs" / "quickstart.yaml", ["adapter.min_rank=9"])
 
 
 def test_cli_parsing():
@@ -162,3 +173,28 @@ def test_a_user_error_is_one_line_and_exit_status_2():
         and "train.lr" in bad.stderr
         and len(bad.stderr.strip().splitlines()) == 1
     )
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    check_writable_folder(tmp_path / "new" / "run", "output_dir")  # created later: its nearest existing parent counts
+    for path, expected in (
+        (tmp_path / "a_file", "output_dir .*a_file is a file, not a folder"),
+        (tmp_path / "a_file" / "run", "lies under .*a_file, which is a file"),
+    ):
+        with pytest.raises(ConfigError, match=expected):
+            check_writable_folder(path, "output_dir")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # what a read-only folder gives a non-root user
+    with pytest.raises(ConfigError, match="output_dir .*run: .* is not writable") as raised:
+        check_writable_folder(tmp_path / "run", "output_dir")
+    assert raised.value.fields == ("output_dir",)
+
+
+def test_problems_in_several_sections_are_reported_together(recipe):
+    """One run names every bad value, each by its dotted key, not only the first section's."""
+    overrides = ["train.lr=-1", "adapter.r=0", "model.dtype=int4"]
+    with pytest.raises(ConfigError) as error:
+        load_config(recipe.RecipeConfig, REPO / "recipes" / "configs" / "quickstart.yaml", overrides)
+    assert set(error.value.fields) == {"train.lr", "adapter.r", "model.dtype"}
+    for key in ("train.lr must be > 0", "adapter.r must be", "model.dtype must be one of"):
+        assert key in str(error.value)

@@ -14,12 +14,11 @@ from flexlora.recipe_kit.data.commonsense import (
     evaluation_prompt,
     load_rows,
     select_rows,
-    synthetic_rows,
     tokenize_rows,
     training_prompt,
     validate_rows,
-    write_synthetic_dataset,
 )
+from flexlora.recipe_kit.data.synthetic import synthetic_rows, write_synthetic_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 I16 = " " * 16
@@ -130,9 +129,9 @@ def test_file_errors_name_the_problem(tmp_path):
     empty.write_text("[]")  # used to print "0 examples" and spin at step 0
     with pytest.raises(DataError, match="empty.json: no rows"):
         load_rows(empty)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         load_rows(tmp_path / "missing.json")
-    with pytest.raises(FileNotFoundError, match="no <task>/train.json"):
+    with pytest.raises(DataError, match="no <task>/train.json"):
         load_rows(tmp_path)
 
 

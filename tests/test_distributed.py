@@ -448,7 +448,8 @@ def test_slurm_launcher_layouts(tmp_path, layout, config, mesh):
 
 @pytest.mark.parametrize("shape, slot_dim", [((5, 7), 1), ((7, 5), 0), ((7,), 0)])
 def test_write_slot_through_uneven_flat_pieces(shape, slot_dim):
-    """Writing a slot piece by piece (ZeRO-style flat ranges, one straddling rows, one empty) equals writing it whole."""
+    """Writing a slot piece by piece (ZeRO-style flat ranges, one straddling rows, one empty) equals writing it
+    whole."""
     full = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
     expected = full.clone()
     slot = 3

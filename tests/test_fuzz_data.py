@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from recipe_cli import QUICKSTART, tiny_cr_overrides, user_error
 
 from flexlora.recipe_kit.data import DataError, glue, vtab
 from flexlora.recipe_kit.data.commonsense import (
@@ -21,6 +22,7 @@ from flexlora.recipe_kit.data.commonsense import (
     tokenize_rows,
     training_prompt,
 )
+from recipes import deberta_glue, llama3_cr, vit_vtab
 
 ROW = {"instruction": "Is the sky blue?", "input": "", "output": "the correct answer is true", "answer": "true"}
 
@@ -411,3 +413,134 @@ def test_glue_truncation_is_counted_and_logged(tmp_path, tokenizer, caplog):
     assert encoded.truncated == 1 and len(encoded) == 2
     assert len(encoded[1]["input_ids"]) == 24 and len(encoded[0]["input_ids"]) < 24
     assert f"{folder / 'train.tsv'}: 1 of 2 rows are longer than max_length=24 tokens" in caplog.text
+
+
+# ---- the same mistakes end to end: the recipe's command line, exit status 2, one line naming the file ----------------
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from tiny_models import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama_recipe"))
+
+
+@dataclass
+class RecipeCase:
+    name: str
+    recipe: str  # cr | glue | vtab
+    files: dict[str, str | bytes]  # path under tmp_path -> content
+    settings: dict[str, str]  # key=value overrides; "{tmp}" is tmp_path
+    expect: tuple[str, ...]  # substrings of the error line (the file, and what is wrong with it)
+
+
+RECIPE_CASES = [
+    RecipeCase(
+        "cr empty list", "cr", {"empty.json": "[]"}, {"data.path": "{tmp}/empty.json"}, ("empty.json", "no rows")
+    ),
+    RecipeCase(
+        "cr truncated JSON",
+        "cr",
+        {"broken.json": '[{"instruction": "q",\n "input": '},
+        {"data.path": "{tmp}/broken.json"},
+        ("broken.json", "not valid JSON", "line 2"),
+    ),
+    RecipeCase(
+        "cr row without output",
+        "cr",
+        {"noout.json": _rows(ROW, {k: v for k, v in ROW.items() if k != "output"})},
+        {"data.path": "{tmp}/noout.json"},
+        ("noout.json", "row 1: missing field(s) output"),
+    ),
+    RecipeCase(
+        "cr latin-1 file",
+        "cr",
+        {"latin1.json": ("[" + json.dumps(_row(instruction="café"), ensure_ascii=False) + "]").encode("latin-1")},
+        {"data.path": "{tmp}/latin1.json"},
+        ("latin1.json", "not UTF-8"),
+    ),
+    RecipeCase(
+        "cr folder without task files",
+        "cr",
+        {"cs/readme.txt": "no tasks here"},
+        {"data.path": "{tmp}/cs"},
+        ("cs: no <task>/train.json files", "data.path={tmp}/cs, from the command line"),
+    ),
+    RecipeCase(
+        "cr every response cut away",
+        "cr",
+        {"cut.json": _rows(ROW, _row(instruction="Is grass green?"))},
+        {"data.path": "{tmp}/cut.json", "data.cutoff_len": "16"},
+        ("cut.json", "no row keeps any of its response", "cutoff_len=16"),
+    ),
+    RecipeCase(
+        "cr hub data set that cannot be reached offline",
+        "cr",
+        {},
+        {"data.path": "nobody/no_such_dataset"},
+        ("data.path nobody/no_such_dataset", "data.path=nobody/no_such_dataset, from the command line"),
+    ),
+    RecipeCase(
+        "glue hub data set that cannot be reached offline",
+        "glue",
+        {},
+        {"data.source": "hub", "data.hub_dataset": "nobody/no_such_glue"},
+        ("data.hub_dataset nobody/no_such_glue", "data.hub_dataset=nobody/no_such_glue, from the command line"),
+    ),
+    RecipeCase(
+        "glue header only",
+        "glue",
+        {"glue/RTE/train.tsv": RTE_HEADER},
+        {"data.data_dir": "{tmp}/glue"},
+        ("RTE/train.tsv", "no data rows"),
+    ),
+    RecipeCase(
+        "glue unknown label",
+        "glue",
+        {"glue/RTE/train.tsv": RTE_HEADER + "0\ta\tb\tmaybe\n"},
+        {"data.data_dir": "{tmp}/glue"},
+        ("RTE/train.tsv:2", "label 'maybe' is not one of"),
+    ),
+    RecipeCase(
+        "glue folder without train.tsv",
+        "glue",
+        {"glue/notes.txt": ""},
+        {"data.data_dir": "{tmp}/glue"},
+        ("no train.tsv for GLUE task rte", "data.data_dir={tmp}/glue, from the command line"),
+    ),
+    RecipeCase(
+        "vtab list file naming a missing image",
+        "vtab",
+        {"vt/kitti/images/a.png": PNG, "vt/kitti/train800val200.txt": "images/a.png 1\nimages/gone.png 2\n"},
+        {"data.root": "{tmp}/vt", "data.task": "kitti"},
+        ("kitti/train800val200.txt", "1 image file(s) missing"),
+    ),
+    RecipeCase(
+        "vtab task folder missing",
+        "vtab",
+        {"vt/readme.txt": ""},
+        {"data.root": "{tmp}/vt", "data.task": "kitti"},
+        ("VTAB-1k kitti/train800val200: neither the folder", "data.root={tmp}/vt, from the command line"),
+    ),
+]
+SHIPPED = {"cr": "quickstart.yaml", "glue": "glue/minilm_rte.yaml", "vtab": "vtab/vit_b16_in21k.yaml"}
+
+
+@pytest.mark.parametrize("case", RECIPE_CASES, ids=[case.name for case in RECIPE_CASES])
+def test_malformed_data_stops_the_recipe_with_exit_2_naming_the_file(
+    case, tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    for relative, content in case.files.items():
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content, encoding="utf-8")
+    settings = {"output_dir": str(tmp_path / "run")}
+    if case.recipe == "cr":
+        settings.update(tiny_cr_overrides(tiny_model_dir, tmp_path / "run"))
+    settings.update({key: value.replace("{tmp}", str(tmp_path)) for key, value in case.settings.items()})
+    module = {"cr": llama3_cr, "glue": deberta_glue, "vtab": vit_vtab}[case.recipe]
+    config = QUICKSTART.parent / SHIPPED[case.recipe]
+    argv = ["--config", str(config), *(f"{key}={value}" for key, value in settings.items())]
+    message = user_error(module, argv, monkeypatch, capsys)
+    missing = [
+        e.replace("{tmp}", str(tmp_path)) for e in case.expect if e.replace("{tmp}", str(tmp_path)) not in message
+    ]
+    assert not missing, f"message lacks {missing}:\n{message}"

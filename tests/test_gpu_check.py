@@ -16,7 +16,7 @@ from test_bench_smoke import table_with, tables
 from test_random_init import small_llama3_dir
 
 from bench import gpu_carry
-from flexlora.recipe_kit.data.commonsense import write_synthetic_dataset
+from flexlora.recipe_kit.data.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = [

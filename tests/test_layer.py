@@ -6,6 +6,7 @@ from transformers.pytorch_utils import Conv1D
 
 import flexlora
 from flexlora import FlexLoRAConfig
+from flexlora.errors import ModelMismatchError
 from flexlora.layer import FlexLoRALayer
 
 
@@ -36,7 +37,7 @@ def test_inject_errors_name_the_problem(tiny_llama):
     with pytest.raises(ValueError, match="modules_to_save"):
         flexlora.inject(tiny_llama, FlexLoRAConfig(target_modules=["q_proj"], r=2, modules_to_save=["classifier"]))
     flexlora.inject(tiny_llama, config())
-    with pytest.raises(ValueError, match="already has FlexLoRA"):
+    with pytest.raises(ModelMismatchError, match="already adapted by FlexLoRA"):
         flexlora.inject(tiny_llama, config())
 
 

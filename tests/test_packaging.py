@@ -41,8 +41,8 @@ def test_flexlora_trains_with_the_kit_dependencies_absent(tmp_path):
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                              num_attention_heads=4, num_key_value_heads=2))
-        config = flexlora.FlexLoRAConfig(target_modules=["q_proj", "v_proj"], r=2, b0=1, t_warmup=1, t_final=1, delta_t=1,
-                                         total_steps=6)
+        config = flexlora.FlexLoRAConfig(target_modules=["q_proj", "v_proj"], r=2, b0=1, t_warmup=1, t_final=1,
+                                         delta_t=1, total_steps=6)
         adapters = flexlora.inject(model, config)
         allocator = flexlora.RankAllocator(adapters)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -180,7 +180,7 @@ def test_data_config_packing_default_auto():
 
 @pytest.mark.parametrize("value", ["yes", "on", 1, 0, None, "Auto"])
 def test_data_config_refuses_other_packing_values(value):
-    with pytest.raises(ValueError, match="data.packing must be true, false or auto, got " + repr(value)):
+    with pytest.raises(ValueError, match="packing must be true, false or auto, got " + repr(value)):
         DataConfig(packing=value)
 
 

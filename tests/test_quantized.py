@@ -179,7 +179,7 @@ def test_quantization_errors_are_one_line_config_errors_naming_the_setting(monke
     from flexlora.recipe_kit.sections import ModelConfig
     from flexlora.recipe_kit.train_setup import refuse_unsupported_engine
 
-    with pytest.raises(ValueError, match="model.quantization must be none or nf4, got 'int4'"):
+    with pytest.raises(ValueError, match="quantization must be one of none, nf4; got 'int4'"):
         ModelConfig(quantization="int4")
     nf4 = ModelConfig(quantization="nf4")
     fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP)

@@ -145,7 +145,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
 def test_a_folder_without_config_or_tokenizer_is_named(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="model.path .*empty: no config.json"):
+    with pytest.raises(ConfigError, match="model.path .*empty: no config.json"):
         load_causal_lm(ModelConfig(path=str(empty), init="random", tokenizer=str(TINY_TOKENIZER)), torch.device("cpu"))
     folder = small_llama3_dir(tmp_path / "small")
     with pytest.raises(ConfigError, match="model.path .*small holds no tokenizer: set model.tokenizer"):
@@ -155,8 +155,8 @@ def test_a_folder_without_config_or_tokenizer_is_named(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.init=zeros", "model.init must be pretrained or random, got 'zeros'"),
-        ("model.init=random", "model.init=random reads only the config.json in model.path; set model.gguf_file=null"),
+        ("model.init=zeros", "model.init must be one of pretrained, random; got 'zeros'"),
+        ("model.init=random", "model.gguf_file must be null under init=random, which reads only the config.json"),
         ("model.tokenizer=''", "model.tokenizer is empty"),
     ],
 )

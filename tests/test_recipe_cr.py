@@ -11,6 +11,8 @@ import pytest
 import torch
 from tiny_models import build_tiny_model_dir
 
+from flexlora.recipe_kit.run_config import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "llama3_cr.py"
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -214,7 +216,7 @@ def test_budget_rule_matches_parameter_counts(tiny_model_dir):
 
 
 def test_bad_training_row_stops_the_recipe_with_its_index(recipe, tiny_model_dir, tmp_path):
-    from flexlora.recipe_kit.data.commonsense import synthetic_rows
+    from flexlora.recipe_kit.data.synthetic import synthetic_rows
 
     rows = synthetic_rows("synthetic_truefalse", 5, seed=0)
     rows[3]["output"] = ""
@@ -227,12 +229,14 @@ def test_bad_training_row_stops_the_recipe_with_its_index(recipe, tiny_model_dir
 def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, tmp_path):
     """Two gloo processes under FSDP2 (build_accelerator's CPU patch) with sharded loading, as the GPU configs have it
     (only the main process reads the checkpoint), train the same run as one process with gradient accumulation: same
-    losses, same rank decisions (dropout off so both draw no random masks)."""
+    losses and gradient norms, same rank decisions (dropout off so both draw no random masks). 12 rows in micro-batches
+    of 2, batch 8: every epoch ends in a short window (2 of 4 micro-batches on one process, 1 of 2 on each of two),
+    whose gradient is still the mean over the micro-batches it holds."""
     import os
     import subprocess
     import sys
 
-    same = {"adapter.lora_dropout": 0.0, "eval.enabled": "false"}
+    same = {"adapter.lora_dropout": 0.0, "eval.enabled": "false", "data.max_samples": 12, "train.batch_size": 8}
     single = run_recipe(recipe, tiny_model_dir, tmp_path / "single", **same)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MASTER_PORT", None)
@@ -260,7 +264,12 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, 
     fsdp = tmp_path / "fsdp2"
     for one, two in zip(_read_jsonl(single / "train_log.jsonl"), _read_jsonl(fsdp / "train_log.jsonl"), strict=True):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-4), two["step"]
-    assert _read_jsonl(fsdp / "allocation.jsonl") == _read_jsonl(single / "allocation.jsonl")
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), two["step"]
+    # the same decisions; their scores agree up to the order of the reductions
+    history = {name: _read_jsonl(run / "allocation.jsonl") for name, run in (("single", single), ("fsdp2", fsdp))}
+    scores = {name: [change.pop("score") for change in changes] for name, changes in history.items()}
+    assert history["fsdp2"] == history["single"]
+    assert scores["fsdp2"] == pytest.approx(scores["single"], abs=1e-6)
     assert json.loads((fsdp / "rank_pattern.json").read_text()) == json.loads(
         (single / "rank_pattern.json").read_text()
     )
@@ -284,13 +293,13 @@ def test_model_loading_choices(tiny_model_dir):
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert resolve_attn_implementation("auto", cpu) == "sdpa"
     if importlib.util.find_spec("flash_attn") is None:
-        with pytest.raises(ImportError, match="flash_attn is not installed"):
+        with pytest.raises(ConfigError, match="flash_attn is not installed"):
             resolve_attn_implementation("flash_attention_2", cpu)
-    with pytest.raises(FileNotFoundError, match="package 'no_such_weights_pkg' is not installed"):
+    with pytest.raises(ConfigError, match="package 'no_such_weights_pkg' is not installed"):
         resolve_model_location("package:no_such_weights_pkg")
     assert resolve_model_location("package:flexlora") == str(REPO / "flexlora")
     assert resolve_model_location("package:flexlora/layer.py") == str(REPO / "flexlora" / "layer.py")
-    with pytest.raises(FileNotFoundError, match="flexlora/no_such_folder does not exist"):
+    with pytest.raises(ConfigError, match="flexlora/no_such_folder does not exist"):
         resolve_model_location("package:flexlora/no_such_folder")
 
     # Llama-3.1 style: a dedicated padding token exists and is preferred to EOS.
@@ -491,7 +500,7 @@ def test_kill_9_at_random_points_resumes_bit_for_bit(recipe, tiny_model_dir, tmp
 def test_a_missing_model_folder_is_named(recipe, tmp_path):
     from flexlora.recipe_kit.models import resolve_model_location
 
-    with pytest.raises(FileNotFoundError, match="model.path ./no/such/model: no such folder"):
+    with pytest.raises(ConfigError, match="model.path ./no/such/model: no such folder"):
         resolve_model_location("./no/such/model")
     assert resolve_model_location("meta-llama/Meta-Llama-3-8B") == "meta-llama/Meta-Llama-3-8B"  # a hub id stays one
 
@@ -516,5 +525,78 @@ def test_lambda_lr_multiplier_is_refused_for_methods_without_lambda(recipe, tiny
         ConfigError, match=r"train.lambda_lr_multiplier=2 applies to FlexLoRA's lambda only; method=lora"
     ):
         run_recipe(recipe, tiny_model_dir, tmp_path / "lora", method="lora", **{"train.lambda_lr_multiplier": 2})
-    with pytest.raises(ValueError, match=r"train.lambda_lr_multiplier must be > 0, got -1"):
+    with pytest.raises(ValueError, match=r"train.lambda_lr_multiplier must be > 0.*got -1"):
         run_recipe(recipe, tiny_model_dir, tmp_path / "neg", **{"train.lambda_lr_multiplier": -1})
+
+
+def test_resume_refuses_data_whose_contents_changed_in_one_line(recipe, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Same data.path, same row count, one answer changed: the checkpoint is not resumed onto it (exit 2, one line
+    naming the data). The run's LR warm-up outlasts it and delta_t allows one allocation step: each warned once."""
+    from flexlora.recipe_kit.data.synthetic import synthetic_rows
+    from flexlora.recipe_kit.run_config import run_recipe as run_from_command_line
+
+    rows = synthetic_rows("synthetic_truefalse", 24, seed=0)
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(rows))
+    args = [
+        "--config",
+        str(REPO / "recipes" / "configs" / "quickstart.yaml"),
+        *tiny_overrides(
+            tiny_model_dir,
+            tmp_path / "run",
+            **{"data.path": str(data), "eval.enabled": "false", "train.warmup_steps": 6, "adapter.delta_t": 4},
+        ),
+    ]
+    capsys.readouterr()
+    recipe.main(args)
+    printed = capsys.readouterr().out
+    assert printed.count("the learning rate never reaches train.lr") == 1
+    assert printed.count("adapter.delta_t=4 allows 1 allocation step(s)") == 1
+
+    rows[5]["output"] = "the answer is false" if rows[5]["output"] != "the answer is false" else "the answer is true"
+    data.write_text(json.dumps(rows))
+    monkeypatch.setattr("sys.argv", ["llama3_cr.py", *args])
+    with pytest.raises(SystemExit) as stopped:
+        run_from_command_line(recipe.main)
+    assert stopped.value.code == 2
+    printed = capsys.readouterr().err.strip().splitlines()  # progress bars, then the error
+    (error,) = [line for line in printed if line.startswith("error: ")]
+    assert error == printed[-1]
+    assert f"was trained on other data: the contents of data.path {data} changed" in error
+
+
+def test_overwrite_removes_every_output_of_the_previous_run_even_when_the_new_run_fails(
+    recipe, tiny_model_dir, tmp_path
+):
+    from flexlora.recipe_kit.run_config import TrainingStopped
+
+    out = run_recipe(recipe, tiny_model_dir, tmp_path / "run")  # scored too: eval.json
+    final_outputs = [
+        "adapter",
+        "peft",
+        "rank_pattern.json",
+        "allocation.jsonl",
+        "rank_heatmap.png",
+        "metrics.json",
+        "eval.json",
+    ]
+    assert all((out / name).exists() for name in final_outputs)
+    first_events = set((out / "tensorboard").rglob("*tfevents*"))
+    assert first_events
+    with pytest.raises(TrainingStopped):
+        run_recipe(
+            recipe,
+            tiny_model_dir,
+            out,
+            **{
+                "checkpoint.resume": "false",
+                "checkpoint.overwrite": "true",
+                "train.lr": 1e6,
+                "train.max_grad_norm": 0,
+                "train.warmup_steps": 0,
+            },
+        )
+    assert [name for name in final_outputs if (out / name).exists()] == []
+    assert not first_events & set((out / "tensorboard").rglob("*tfevents*"))  # the first run's event files are gone
+    assert not (out / "checkpoints" / "step_00000006").exists()
+    assert all(row["step"] <= 3 for row in _read_jsonl(out / "train_log.jsonl"))

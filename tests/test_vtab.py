@@ -53,7 +53,7 @@ def test_list_file_layout_and_malformed_line(tmp_path):
 
 
 def test_missing_split_and_unknown_names(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"neither the folder .*cifar/test nor the list file .*cifar/test.txt"):
+    with pytest.raises(vtab.DataError, match=r"neither the folder .*cifar/test nor the list file .*cifar/test.txt"):
         vtab.list_split(tmp_path, "cifar", "test")
     with pytest.raises(ValueError, match="unknown VTAB-1k split 'train'"):
         vtab.list_split(tmp_path, "cifar", "train")
@@ -235,11 +235,11 @@ def test_protocol_and_unknown_task_are_checked(tmp_path, tiny_vit_dir, eurosat_r
 
     recipe = _load_recipe()
     config = _config_file(tmp_path, tiny_vit_dir, eurosat_root)
-    with pytest.raises(FileNotFoundError, match=r"eurosat/train800: neither the folder"):
+    with pytest.raises(vtab.DataError, match=r"eurosat/train800: neither the folder"):
         recipe.main(["--config", str(config), "data.protocol=tuning"])
     with pytest.raises(ConfigError, match="data.task 'mnist' is not a VTAB-1k task"):
         recipe.main(["--config", str(config), "data.task=mnist"])
-    with pytest.raises(ConfigError, match="data.source=hub needs data.hub_dataset"):
+    with pytest.raises(ConfigError, match="data.hub_dataset is empty: source=hub needs"):
         recipe.main(["--config", str(config), "data.source=hub"])
 
 
@@ -254,4 +254,5 @@ def test_shipped_config_follows_table_11():
     # Table 11: AdamW, batch 32, lr 1e-3, 100 epochs, b 4, T_warmup 500, T_final 500, Delta_T 100
     assert (t.batch_size, t.lr, t.epochs, a.b0, a.t_warmup, a.t_final, a.delta_t) == (32, 1e-3, 100, 4, 500, 500, 100)
     assert c.model.path == "google/vit-base-patch16-224-in21k" and c.data.protocol == "final"
-    assert a.target_modules == recipe.VIT_TARGETS and a.modules_to_save == ["classifier"]
+    assert a.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    assert a.modules_to_save == ["classifier"]

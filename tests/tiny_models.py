@@ -11,7 +11,8 @@ def build_tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from flexlora.recipe_kit.data.commonsense import synthetic_rows, training_prompt
+    from flexlora.recipe_kit.data.commonsense import training_prompt
+    from flexlora.recipe_kit.data.synthetic import synthetic_rows
 
     corpus = [
         training_prompt(r) for task in ("synthetic_truefalse", "synthetic_choice") for r in synthetic_rows(task, 50, 0)

@@ -8,9 +8,10 @@ import hashlib
 import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -34,9 +35,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def content_fingerprint(rows: Iterable) -> str:
+    """sha256 of JSON-serialisable rows, in order: what a checkpoint records of the training data it was trained on,
+    so that a resume onto data whose contents changed (same path, same row count) is refused."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def write_manifest(directory: Path) -> None:
     files = {
-        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
@@ -55,30 +65,40 @@ def manifest_problem(directory: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{path} does not match its sha256 in the manifest"
     return None
 
 
 class Checkpointer:
-    """``<root>/step_<N>/`` folders, written atomically (temp folder + manifest + rename) and pruned to ``keep_last``."""
+    """``<root>/step_<N>/`` folders, written atomically (temp folder + manifest + rename) and pruned to
+    ``keep_last``."""
 
     def __init__(self, root: Path, keep_last: int, accelerator):
         self.root = Path(root)
         self.keep_last = keep_last
         self.accelerator = accelerator
 
-    def complete(self) -> list[Path]:
-        """Checkpoint folders that were finished (a manifest), oldest first; not yet verified."""
+    def folders(self) -> list[Path]:
+        """Every ``step_<N>`` folder, oldest first, finished or not."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / MANIFEST).is_file()]
+        found = [p for p in self.root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
         return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
+    def complete(self) -> list[Path]:
+        """Checkpoint folders that were finished (a manifest), oldest first; not yet verified."""
+        return [p for p in self.folders() if (p / MANIFEST).is_file()]
+
     def latest_valid(self) -> Path | None:
-        """The newest checkpoint whose manifest verifies; each newer one that does not is named in a warning."""
-        for candidate in reversed(self.complete()):
-            problem = manifest_problem(candidate)
+        """The newest checkpoint whose manifest verifies; each newer one that does not (a folder without a manifest
+        included) is named in a warning."""
+        for candidate in reversed(self.folders()):
+            problem = (
+                manifest_problem(candidate)
+                if (candidate / MANIFEST).is_file()
+                else f"it has no {MANIFEST} (an interrupted write or a partial copy)"
+            )
             if problem is None:
                 return candidate
             log.warning("skipping checkpoint %s: %s; falling back to an older one", candidate, problem)

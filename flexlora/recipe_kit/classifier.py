@@ -16,8 +16,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from flexlora.config import raise_problems
+
+from .loop import DataIdentity
 from .records import read_jsonl, trim_jsonl
-from .sections import CheckpointConfig, LoggingConfig, check_run_sections
+from .sections import CheckpointConfig, LoggingConfig, check_run_sections, minimum_problem
 from .train_setup import build_training, run_metrics, save_outputs
 
 log = logging.getLogger(__name__)
@@ -29,10 +32,13 @@ class EvalSettings:
     batch_size: int = 64  # per process
 
     def __post_init__(self) -> None:
-        if self.every_n_steps < 0 or self.batch_size < 1:
-            raise ValueError(
-                f"eval.every_n_steps must be >= 0 and eval.batch_size >= 1, got {self.every_n_steps}, {self.batch_size}"
-            )
+        raise_problems(
+            self,
+            [
+                minimum_problem("every_n_steps", self.every_n_steps, 0),
+                minimum_problem("batch_size", self.batch_size, 1),
+            ],
+        )
 
 
 @dataclass
@@ -45,12 +51,14 @@ class ClassifierRunSections:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def check_sections(self, task: str) -> None:
-        """The checks every classifier config shares; ``task`` fills ``{task}`` in output_dir."""
-        if not self.adapter.modules_to_save:
-            raise ValueError(
-                "adapter.modules_to_save is empty: the new classifier head must be trained (e.g. [classifier])"
-            )
-        check_run_sections(self, task=task)
+        """The checks every classifier config shares, reported at once; ``task`` fills ``{task}`` in output_dir."""
+        check_run_sections(
+            self,
+            None
+            if self.adapter.modules_to_save
+            else "adapter.modules_to_save is empty: the new classifier head must be trained (e.g. [classifier])",
+            task=task,
+        )
 
 
 @torch.no_grad()
@@ -81,8 +89,8 @@ def predict(
 
 
 def best_evaluation(rows: list[dict], key: str) -> dict | None:
-    """The evaluation row with the highest ``key`` (NaN counts as worst; the earliest wins ties)."""
-    scored = [r for r in rows if key in r and not math.isnan(r[key])]
+    """The evaluation row with the highest ``key`` (NaN, written as null, counts as worst; the earliest wins ties)."""
+    scored = [r for r in rows if r.get(key) is not None and not math.isnan(r[key])]
     return max(scored, key=lambda r: r[key]) if scored else None
 
 
@@ -92,6 +100,7 @@ def train_and_evaluate(
     model: nn.Module,
     task_type: str | None,
     train_dataset,
+    train_data: DataIdentity,
     eval_datasets: dict[str, Any],
     collator: Callable,
     score: Callable[[np.ndarray, np.ndarray], dict[str, float]],
@@ -103,12 +112,15 @@ def train_and_evaluate(
     """Adapt ``model`` with ``config.method``, train with evaluations, save; returns what metrics.json holds.
 
     ``config`` has the sections of the recipe configs (method, output_dir, adapter, train, eval, checkpoint, logging).
+    ``train_data`` names ``train_dataset``'s source and fingerprints its contents (what checkpoints record).
     ``score(logits, labels)`` gives the metrics of one evaluation split; ``main_metric`` ("<split>/<metric>")
     picks the best evaluation; ``describe`` (task, model ...) heads metrics.json; ``num_workers`` feeds the loaders.
     """
     is_main = accelerator.is_main_process
     out = Path(config.output_dir)
-    training = build_training(config, accelerator, model, train_dataset, collator, task_type, out, num_workers)
+    training = build_training(
+        config, accelerator, model, train_dataset, collator, train_data, task_type, out, num_workers
+    )
     loop, total_steps = training.loop, training.total_steps
     if loop.resume() and is_main and loop.global_step == total_steps:  # a finished run is scored again below
         trim_jsonl(out / "eval.jsonl", loop.global_step - 1)

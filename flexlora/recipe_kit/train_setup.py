@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,9 @@ from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
 from flexlora.optim_state import param_groups
+from flexlora.schedule import in_allocation_window
 
-from .loop import TrainingRun, TrainLoop, batches_per_process, steps_per_epoch
+from .loop import DataIdentity, TrainingRun, TrainLoop, batches_per_process, steps_per_epoch
 from .methods import AdapterMethod, build_method
 from .models import allocate_trainable_parameters
 from .records import plot_rank_heatmap
@@ -39,12 +41,12 @@ class Training:
 def refuse_unsupported_engine(config, accelerator) -> None:
     """The recipes run on one process, DDP or FSDP2; PEFT's AdaLoRA baseline and a 4-bit base not under FSDP."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ValueError(
+        raise ConfigError(
             "the recipes run on one process, DDP or FSDP2 (accelerate_configs/fsdp2.yaml, ddp.yaml, cpu*.yaml), "
             "not DeepSpeed, whose engine keeps the optimizer state the recipes' checkpoints save"
         )
     if config.method == "adalora" and accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError(
+        raise ConfigError(
             "method=adalora cannot run under FSDP: PEFT's AdaLoRA allocator reads whole, unsharded A/E/B tensors "
             "and gradients. Run the AdaLoRA baseline with accelerate_configs/ddp.yaml (or one process)."
         )
@@ -57,19 +59,45 @@ def refuse_unsupported_engine(config, accelerator) -> None:
         )
 
 
+def schedule_warnings(config, total_steps: int, warmup: int) -> list[str]:
+    """What in the schedules runs but cannot do what it is for: an LR warm-up as long as the run, or a rank schedule
+    (``adapter.delta_t`` within t_warmup .. total_steps - t_final) with at most one allocation step."""
+    warnings = []
+    if warmup >= total_steps:
+        warnings.append(
+            f"the LR warm-up ({warmup} steps, train.warmup_steps / train.warmup_ratio) is not shorter than the run "
+            f"({total_steps} steps): the learning rate never reaches train.lr"
+        )
+    adapter = config.adapter
+    if config.method != "lora" and adapter.b0 > 0:
+        allocations = sum(
+            in_allocation_window(step, adapter.t_warmup, adapter.t_final, total_steps, adapter.delta_t)
+            for step in range(1, total_steps + 1)
+        )
+        if allocations <= 1:
+            warnings.append(
+                f"adapter.delta_t={adapter.delta_t} allows {allocations} allocation step(s) between adapter.t_warmup="
+                f"{adapter.t_warmup} and {total_steps} steps - adapter.t_final={adapter.t_final}: ranks barely move; "
+                "lower delta_t to let them"
+            )
+    return warnings
+
+
 def build_training(
     config,
     accelerator,
     model: nn.Module,
     dataset,
     collator: Callable,
+    data: DataIdentity,
     task_type: str | None,
     out: Path,
     num_workers: int = 0,
 ) -> Training:
     """Adapt ``model`` with ``config.method`` under the budget rule and make the loop that trains it.
 
-    ``config`` has the recipe sections method, adapter, train and checkpoint. The number of optimizer steps comes from
+    ``config`` has the recipe sections method, adapter, train and checkpoint; ``data`` names the training data and
+    fingerprints its contents, so a checkpoint of other data is not resumed. The number of optimizer steps comes from
     the data (``train.epochs``) unless ``train.max_steps`` is set.
     """
     refuse_unsupported_engine(config, accelerator)
@@ -91,6 +119,9 @@ def build_training(
         total_steps,
         warmup,
     )
+    if accelerator.is_main_process:  # once, not once per process
+        for warning in schedule_warnings(config, total_steps, warmup):
+            log.warning(warning)
 
     method = build_method(config.method, model, config.adapter, total_steps, task_type=task_type)
     allocate_trainable_parameters(method.model, accelerator)  # a model built without weights (FSDP2 sharded loading)
@@ -119,7 +150,7 @@ def build_training(
     )  # one call: FSDP2 shards model and optimizer together
     # Stepped once per optimizer step by hand: accelerate's prepared scheduler steps once per process.
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    run = TrainingRun(method, prepared, optimizer, scheduler, dataset, collator, total_steps, num_workers)
+    run = TrainingRun(method, prepared, optimizer, scheduler, dataset, collator, data, total_steps, num_workers)
     return Training(TrainLoop(config, accelerator, run, out), method, prepared, params, total_steps)
 
 
@@ -145,6 +176,7 @@ def run_metrics(training: Training, train_seconds: float) -> dict:
         "method": loop.config.method,
         "adapter_parameters": training.adapter_parameters,
         "steps": loop.global_step,
+        "skipped_steps": loop.skipped_steps,  # updates not applied under train.on_nonfinite=skip_step
         "final_loss": loop.last_loss,
         "train_seconds_this_run": round(train_seconds, 1),
         "tokens_this_run": loop.tokens_this_run,  # padding excluded, all processes; 0 for images
@@ -163,6 +195,4 @@ def peak_memory(device: torch.device) -> dict:
     process's peak resident set size (model loading included)."""
     if device.type == "cuda":
         return {"what": "cuda_max_memory_allocated", "mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
-    import resource
-
     return {"what": "max_rss", "mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

@@ -4,7 +4,8 @@ One launch runs every scenario for its engine (each process launch costs seconds
 scenario, the final adapter (rank 0) and each rank's masks, allocation history and collectives per allocation
 step. The test compares them across ranks and against the single-process run of the same scenarios.
 
-    accelerate launch --config_file accelerate_configs/cpu_fsdp2.yaml tests/distributed/worker.py --engine fsdp2 --out DIR
+    accelerate launch --config_file accelerate_configs/cpu_fsdp2.yaml tests/distributed/worker.py --engine fsdp2 \
+        --out DIR
     accelerate launch --config_file accelerate_configs/cpu_hsdp.yaml tests/distributed/worker.py --engine hsdp --out DIR
     python tests/distributed/worker.py --engine single --out DIR [--resume-from DIR_OF_THE_FSDP2_RUN]
 """

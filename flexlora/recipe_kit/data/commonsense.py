@@ -19,7 +19,10 @@ from typing import Any, Literal
 
 import torch
 
-from . import DataError
+from flexlora.config import choice_problem, raise_problems
+
+from ..sections import minimum_problem
+from . import DataError, load_hub_dataset
 from .packing import packing_problem
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,10 @@ def training_prompt(row: dict[str, str]) -> str:
         )
         sections = [("### Instruction:", row["instruction"]), ("### Input:", row["input"])]
     else:
-        header = "Below is an instruction that describes a task. Write a response that appropriately completes the request.  "
+        header = (
+            "Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.  "
+        )
         sections = [("### Instruction:", row["instruction"])]
     body = f"\n{_INDENT}\n".join(f"{_INDENT}{title}\n{_INDENT}{text}" for title, text in sections)
     return f"{header}\n\n{body}\n{_INDENT}\n{_INDENT}### Response:\n{_INDENT}{row['output']}"
@@ -126,7 +132,8 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
-            f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "save the file as UTF-8"
         ) from None
 
 
@@ -182,7 +189,7 @@ def load_rows(
     if local.is_dir():
         files = task_files(local, split)
         if not files:
-            raise FileNotFoundError(f"{local}: no <task>/{split}.json files in this directory")
+            raise DataError(f"{local}: no <task>/{split}.json files in this directory", ["data.path"])
         rows, counts = [], {}
         for task, file in files.items():
             task_rows = _load_file(file, require_answer)  # an empty task file is refused, naming it
@@ -190,65 +197,10 @@ def load_rows(
             counts[task] = len(task_rows)
         return rows, counts
     if str(path).startswith((".", "/", "~")) or str(path).endswith((".json", ".jsonl")):
-        raise FileNotFoundError(f"data path {path} does not exist (and does not look like a hub dataset id)")
-    import datasets  # only hub ids need it; local files are plain JSON
-
-    dataset = datasets.load_dataset(str(path), split=split)
+        raise DataError(f"data path {path} does not exist (and does not look like a hub dataset id)", ["data.path"])
+    dataset = load_hub_dataset("data.path", str(path), split=split)
     rows = validate_rows(list(dataset), f"{path} [{split}]", require_answer)
     return rows, {str(path): len(rows)}
-
-
-# ---- a small self-made dataset, for running without any downloaded data ---------------------------------
-
-
-def synthetic_rows(task: str, count: int, seed: int) -> list[dict[str, str]]:
-    """Deterministic commonsense-format rows with a learnable rule (simple arithmetic comparisons).
-
-    ``synthetic_truefalse`` asks a true/false question (answer ``true``/``false``), ``synthetic_choice`` a
-    four-way multiple choice (``answer1``..``answer4``): the same answer vocabularies as BoolQ and ARC.
-    """
-    rng = random.Random(f"{task}:{seed}")
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
-        if task == "synthetic_truefalse":
-            truth = a > b
-            question = f"is {a} greater than {b}?"
-            instruction = f"Please answer the following question with true or false, question: {question}\n\nAnswer format: true/false"
-            answer = "true" if truth else "false"
-        elif task == "synthetic_choice":
-            correct = a + b
-            options = {correct}
-            while len(options) < 4:
-                options.add(correct + rng.choice([-1, 1]) * rng.randint(1, 9))
-            options = sorted(options)
-            rng.shuffle(options)
-            listed = " ".join(f"Answer{i + 1}: {value}" for i, value in enumerate(options))
-            instruction = (
-                f"Please choose the correct answer to the question: What is {a} plus {b}?\n\n{listed}\n\n"
-                "Answer format: answer1/answer2/answer3/answer4"
-            )
-            answer = f"answer{options.index(correct) + 1}"
-        else:
-            raise ValueError(f"unknown synthetic task {task!r}; use synthetic_truefalse or synthetic_choice")
-        rows.append(
-            {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
-        )
-    return rows
-
-
-SYNTHETIC_TASKS = ("synthetic_truefalse", "synthetic_choice")
-
-
-def write_synthetic_dataset(directory: str | Path, train_per_task: int, dev_per_task: int, seed: int = 0) -> Path:
-    """Write ``<task>/{train,dev}.json`` like the real commonsense folder (same loaders, same scorer)."""
-    directory = Path(directory)
-    for task in SYNTHETIC_TASKS:
-        rows = synthetic_rows(task, train_per_task + dev_per_task, seed)
-        (directory / task).mkdir(parents=True, exist_ok=True)
-        (directory / task / "train.json").write_text(json.dumps(rows[:train_per_task], indent=1))
-        (directory / task / "dev.json").write_text(json.dumps(rows[train_per_task:], indent=1))
-    return directory
 
 
 # ---- tokenisation -----------------------------------------------------------------------------------------
@@ -277,7 +229,11 @@ def tokenize_rows(
     from tqdm.auto import tqdm
 
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; LLM-Adapters training appends one to every example")
+        raise DataError(
+            "the tokenizer of model.path (or model.tokenizer) has no EOS token; LLM-Adapters training appends one to "
+            "every example",
+            ["model.tokenizer"],
+        )
     if not rows:
         raise DataError(f"{source}: no rows to tokenise")
     examples = TokenizedRows()
@@ -317,8 +273,9 @@ def tokenize_rows(
             examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     if examples.without_response == len(rows):
         raise DataError(
-            f"{source}: no row keeps any of its response within cutoff_len={cutoff_len} tokens: {examples.truncated} of "
-            f"{len(rows)} rows truncated, {examples.without_response} with no response token left; raise data.cutoff_len"
+            f"{source}: no row keeps any of its response within cutoff_len={cutoff_len} tokens: "
+            f"{examples.truncated} of {len(rows)} rows truncated, {examples.without_response} with no response token "
+            "left; raise data.cutoff_len"
         )
     if examples.truncated:
         log.info(
@@ -372,15 +329,17 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return self.examples[index]
 
 
+MISSING_DATA_POLICIES = ("error", "synthetic")
+
+
 @dataclass
 class DataConfig:
     """Where the training rows come from and how they become token sequences."""
 
-    path: str = (
-        "../shared/data/commonsense"  # json/jsonl file, a folder of <task>/<split>.json, a hub id, or "synthetic"
-    )
+    # a json/jsonl file, a folder of <task>/<split>.json, a hub id, or "synthetic"
+    path: str = "../shared/data/commonsense"
     split: str = "train"
-    if_missing: str = "error"  # error | synthetic: what to do when a local path does not exist
+    if_missing: str = "error"  # what to do when a local path does not exist: error, or train on generated rows
     cutoff_len: int = 256
     train_on_inputs: bool = True  # False: loss on the response tokens only
     add_eos_token: bool = True
@@ -393,20 +352,17 @@ class DataConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        errors = []
-        if self.if_missing not in ("error", "synthetic"):
-            errors.append(f"data.if_missing must be 'error' or 'synthetic', got {self.if_missing!r}")
-        if self.cutoff_len < 8:
-            errors.append(f"data.cutoff_len must be >= 8, got {self.cutoff_len}")
-        if self.max_samples is not None and self.max_samples < 1:
-            errors.append(f"data.max_samples must be >= 1 or null, got {self.max_samples}")
-        if problem := packing_problem(self.packing):
-            errors.append(problem)
-        for name in ("synthetic_train_per_task", "synthetic_dev_per_task"):
-            if getattr(self, name) < 1:
-                errors.append(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if errors:
-            raise ValueError("; ".join(errors))
+        raise_problems(
+            self,
+            [
+                choice_problem("if_missing", self.if_missing, MISSING_DATA_POLICIES),
+                minimum_problem("cutoff_len", self.cutoff_len, 8),
+                minimum_problem("max_samples", self.max_samples, 1, nullable=True),
+                packing_problem(self.packing),
+                minimum_problem("synthetic_train_per_task", self.synthetic_train_per_task, 1),
+                minimum_problem("synthetic_dev_per_task", self.synthetic_dev_per_task, 1),
+            ],
+        )
 
     def uses_synthetic(self) -> bool:
         if self.path == "synthetic":

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import DataError
+from . import DataError, load_hub_dataset
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,9 @@ def load_glue_local(task: GlueTask | str, data_dir: str | Path) -> dict[str, Glu
     root = Path(data_dir)
     folder = root / task.directory if (root / task.directory).is_dir() else root
     if not (folder / "train.tsv").is_file():
-        raise FileNotFoundError(f"no train.tsv for GLUE task {task.name} in {root / task.directory} or {root}")
+        raise DataError(
+            f"no train.tsv for GLUE task {task.name} in {root / task.directory} or {root}", ["data.data_dir"]
+        )
     splits = {"train": read_glue_tsv(folder / "train.tsv", task)}
     for split, (filename, _) in task.eval_splits.items():
         if (folder / filename).is_file():
@@ -244,16 +246,16 @@ def load_glue_hub(
     task: GlueTask | str, dataset: str = "nyu-mll/glue", cache_dir: str | None = None
 ) -> dict[str, GlueSplit]:
     """``train`` and the evaluation split(s) of the hub dataset (downloaded once into the datasets cache)."""
-    from datasets import load_dataset
-
     task = get_task(task) if isinstance(task, str) else task
     splits = {
         "train": glue_split_from_records(
-            task, load_dataset(dataset, task.name, split="train", cache_dir=cache_dir), f"{dataset}/{task.name}/train"
+            task,
+            load_hub_dataset("data.hub_dataset", dataset, task.name, split="train", cache_dir=cache_dir),
+            f"{dataset}/{task.name}/train",
         )
     }
     for split, (_, hub_split) in task.eval_splits.items():
-        records = load_dataset(dataset, task.name, split=hub_split, cache_dir=cache_dir)
+        records = load_hub_dataset("data.hub_dataset", dataset, task.name, split=hub_split, cache_dir=cache_dir)
         splits[split] = glue_split_from_records(task, records, f"{dataset}/{task.name}/{hub_split}")
     return splits
 

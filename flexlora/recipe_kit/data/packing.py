@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..run_config import ConfigError
+
 PACKING_ATTENTION = ("sdpa", "flash_attention_2")
 
 
@@ -12,7 +14,7 @@ def packing_problem(packing: object) -> str | None:
     """What is wrong with a ``data.packing`` value, or None when it is one of true, false, auto."""
     if isinstance(packing, bool) or packing == "auto":  # (1 == True: a number must not pass as a bool)
         return None
-    return f"data.packing must be true, false or auto, got {packing!r}"
+    return f"packing must be true, false or auto, got {packing!r}"
 
 
 def packed_collator_for(packing: bool | str, attn_implementation: str | None) -> PackedCollator | None:
@@ -23,7 +25,7 @@ def packed_collator_for(packing: bool | str, attn_implementation: str | None) ->
     pads.
     """
     if problem := packing_problem(packing):
-        raise ValueError(problem)
+        raise ConfigError(f"data.{problem}", ["data.packing"])
     if packing == "auto":
         packing = attn_implementation in PACKING_ATTENTION
     return PackedCollator(attn_implementation) if packing else None
@@ -51,10 +53,11 @@ class PackedCollator:
 
     def __init__(self, attn_implementation: str | None):
         if attn_implementation not in PACKING_ATTENTION:
-            raise ValueError(
+            raise ConfigError(
                 f"data.packing=true is not supported with attn_implementation={attn_implementation!r}: packed rows are "
                 f"only kept from attending to each other under {' or '.join(PACKING_ATTENTION)}; use "
-                "model.attn_implementation=sdpa, or data.packing=auto (padded batches there) or false"
+                "model.attn_implementation=sdpa, or data.packing=auto (padded batches there) or false",
+                ["data.packing", "model.attn_implementation"],
             )
         self.attn_implementation = attn_implementation
 

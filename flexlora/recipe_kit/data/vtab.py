@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import DataError
+from . import DataError, load_hub_dataset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
@@ -141,8 +141,9 @@ def list_split(root: str | Path, task: str, split: str) -> list[tuple[Path, int]
     elif list_file.is_file():
         samples = read_list_file(list_file)
     else:
-        raise FileNotFoundError(
-            f"VTAB-1k {task}/{split}: neither the folder {split_dir} nor the list file {list_file} exists"
+        raise DataError(
+            f"VTAB-1k {task}/{split}: neither the folder {split_dir} nor the list file {list_file} exists",
+            ["data.root"],
         )
     if task in VTAB_TASKS:
         limit = VTAB_TASKS[task].num_classes
@@ -184,7 +185,8 @@ class ImageSamples:
 
 
 class HubSamples:
-    """(PIL image, class id) pairs of a ``datasets.Dataset``, read row by row (test sets are too big to decode at once)."""
+    """(PIL image, class id) pairs of a ``datasets.Dataset``, read row by row (test sets are too big to decode at
+    once)."""
 
     def __init__(self, records, image_column: str, label_column: str, source: str):
         missing = [c for c in (image_column, label_column) if c not in records.column_names]
@@ -210,9 +212,7 @@ def load_hub_split(
     data_dir: str | None = None,
 ) -> HubSamples:
     """One split of a ``datasets`` dataset: a hub id, or a packaged builder such as ``imagefolder`` + ``data_dir``."""
-    from datasets import load_dataset
-
-    records = load_dataset(path, name, split=split, cache_dir=cache_dir, data_dir=data_dir)
+    records = load_hub_dataset("data.hub_dataset", path, name, split=split, cache_dir=cache_dir, data_dir=data_dir)
     return HubSamples(records, image_column, label_column, f"{path} [{split}]")
 
 
