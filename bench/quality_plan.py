@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"glue": ROOT / "recipes" / "deberta_glue.py", "cr": ROOT / "recipes" / "llama3_cr.py"}
-METHODS = ("lora", "adalora", "flexlora")
+METHODS = ("lora", "adalora", "flexlora")  # flexlora.names.METHODS, in the order the report lists them
 GLUE_METRICS = {  # main metric first; the recipe's metrics.json names them "<split>/<metric>"
     "cola": ("CoLA", ["matthews_correlation"]),
     "mrpc": ("MRPC", ["accuracy", "f1"]),

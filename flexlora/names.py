@@ -24,6 +24,7 @@ ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 
 # A recipe's ``method``: FlexLoRA, or PEFT's LoRA / AdaLoRA under the same budget (flexlora.recipe_kit.methods)
 METHODS = ("flexlora", "lora", "adalora")
+METHOD_LABELS = {"flexlora": "FlexLoRA", "lora": "LoRA", "adalora": "AdaLoRA"}  # as tables print them
 
 # The trainable tensors of a FlexLoRA layer (Delta W = P diag(lambda) Q) and, with its rank mask, what a saved
 # adapter holds per layer

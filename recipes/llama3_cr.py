@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 from transformers import DataCollatorForSeq2Seq
 
 from flexlora import FlexLoRAConfig
+from flexlora.names import METHOD_LABELS
 from flexlora.recipe_kit.checkpoints import content_fingerprint
 from flexlora.recipe_kit.data.commonsense import (
     DataConfig,
@@ -196,9 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             if config.model.gradient_checkpointing:
                 eval_model.activation_checkpointing_disable()
             eval_model.config.use_cache = True
-            label = {"flexlora": "FlexLoRA", "lora": "LoRA", "adalora": "AdaLoRA"}[
-                config.method
-            ] + f" r={config.adapter.r}"
+            label = f"{METHOD_LABELS[config.method]} r={config.adapter.r}"
             rows = score(eval_model, tokenizer, config.eval, eval_data_dir, label, params)
             table = format_table(rows, model_name)
             print(table, flush=True)

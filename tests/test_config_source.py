@@ -253,3 +253,10 @@ def test_the_readme_lists_exactly_the_registered_methods():
     readme = (REPO / "README.md").read_text()
     (listed,) = re.findall(r"`method: ([a-z| ]+)`", readme)
     assert [name.strip() for name in listed.split("|")] == list(names.METHODS)
+
+
+def test_every_registered_method_has_a_label_and_a_benchmark_row():
+    from bench import quality_plan
+
+    assert set(names.METHOD_LABELS) == set(names.METHODS)
+    assert sorted(quality_plan.METHODS) == sorted(names.METHODS)
