@@ -28,7 +28,7 @@ test: install
 
 # The quickstart's table has the trained adapter's row, the untuned base's (the same model with its adapter off) and
 # the constant answer's, on the same items: eval.baselines=true, set here rather than in quickstart.yaml, which
-# bench/quality.py reuses; the base row is one more scoring pass (about 3 minutes on 2 busy cores). The sentence
+# bench/quality.py reuses; the base row is one more scoring pass (about 2 minutes on 2 idle cores). The sentence
 # printed after the table says what a run this small can and cannot show.
 QUICKSTART_SCALE := At this scale (a 135M model, a few hundred CPU steps, one seed, a few dozen items per task) \
 	the table can show that the pipeline works end to end and whether the adapter moves scores away from the untuned \
