@@ -404,11 +404,20 @@ def test_resume_refuses_changed_settings_and_reruns_refuse_to_mix_logs(recipe, t
 
     out = run_recipe(recipe, tiny_model_dir, tmp_path / "run", **{"eval.enabled": "false"})
     first_log = _read_jsonl(out / "train_log.jsonl")
+    finished = {
+        path: path.read_bytes() for path in out.rglob("*") if path.is_file() and "checkpoints" not in path.parts
+    }
+    assert {"adapter", "peft", "metrics.json", "rank_heatmap.png"} <= {
+        path.relative_to(out).parts[0] for path in finished
+    }
     with pytest.raises(ConfigError, match=r"other settings: train.lr 0.002 -> 0.5"):
         run_recipe(recipe, tiny_model_dir, out, **{"eval.enabled": "false", "train.lr": 0.5})
     with pytest.raises(ConfigError, match="already holds a run .*checkpoint.overwrite=true"):
         run_recipe(recipe, tiny_model_dir, out, **{"eval.enabled": "false", "checkpoint.resume": "false"})
     assert _read_jsonl(out / "train_log.jsonl") == first_log  # neither attempt touched the run
+    for path, content in finished.items():  # nor removed the finished run's adapter, export, heatmap or metrics
+        if path.name != "config.yaml" and "tensorboard" not in path.parts:
+            assert path.read_bytes() == content, path
     run_recipe(
         recipe,
         tiny_model_dir,

@@ -18,9 +18,9 @@ from .run_config import ConfigError, check_writable_folder, config_to_yaml, load
 
 # What shows that output_dir holds a run: its records, which a resumed run continues.
 RUN_RECORDS = ("checkpoints", "train_log.jsonl", "eval.jsonl", "tensorboard")
-# What a run writes once it has trained (train_setup.save_outputs and the recipes): an earlier run's are removed
-# before this one starts, so a run that fails never leaves them beside its own files. synthetic_data is the
-# commonsense recipe's generated data set, written again by the run that uses it.
+# What a run writes once it has trained (train_setup.save_outputs and the recipes): an earlier attempt's are removed
+# once this run is known to continue it (remove_final_outputs), so a run that fails never leaves them beside its own
+# files, and a refused resume loses nothing.
 FINAL_OUTPUTS = (
     "adapter",
     "peft",
@@ -29,8 +29,9 @@ FINAL_OUTPUTS = (
     "rank_heatmap.png",
     "metrics.json",
     "eval.json",
-    "synthetic_data",
 )
+# the commonsense recipe's generated data set: written again by the run that uses it
+GENERATED_DATA = "synthetic_data"
 
 # Settings a resumed run may change: where and how it reports, checkpoints and scores, not what it trains.
 RESUMABLE_CHANGES = (
@@ -44,6 +45,9 @@ RESUMABLE_CHANGES = (
     "data.num_workers",
     "data.packing",
 )
+
+
+log = logging.getLogger(__name__)
 
 
 class StartedRun(NamedTuple):
@@ -61,7 +65,7 @@ def start_run(config_class: type, argv: list[str] | None, recipe_log: logging.Lo
     config = load_config(config_class, config_path, overrides)
     out = Path(config.output_dir)
     check_writable_folder(out, "output_dir")
-    previous = [name for name in RUN_RECORDS + FINAL_OUTPUTS if (out / name).exists()]
+    previous = [name for name in (*RUN_RECORDS, *FINAL_OUTPUTS, GENERATED_DATA) if (out / name).exists()]
     if previous and not config.checkpoint.resume and not config.checkpoint.overwrite:
         raise ConfigError(
             f"output_dir {out} already holds a run ({', '.join(previous)}) and checkpoint.resume=false: "
@@ -70,19 +74,13 @@ def start_run(config_class: type, argv: list[str] | None, recipe_log: logging.Lo
     accelerator = build_accelerator(log_with=build_trackers(out, config.logging))
     setup_logging(accelerator.is_main_process)
     if accelerator.is_main_process:
-        # resume keeps the records (the loop trims them to its checkpoint) and rewrites the final outputs at the end;
-        # overwrite removes everything, TensorBoard's event files included, so no file mixes two runs
-        stale = previous if not config.checkpoint.resume else [name for name in previous if name in FINAL_OUTPUTS]
-        if stale and config.checkpoint.resume:
-            recipe_log.info(
-                "resuming: removing the last attempt's %s from %s (written again at the end)", ", ".join(stale), out
-            )
-        elif stale:
+        # overwrite removes everything, TensorBoard's event files included, so no file mixes two runs; resume keeps
+        # it all until the loop has checked that the checkpoint belongs to this run (remove_final_outputs)
+        if previous and not config.checkpoint.resume:
             recipe_log.warning(
-                "checkpoint.overwrite=true: removing the previous run's %s from %s", ", ".join(stale), out
+                "checkpoint.overwrite=true: removing the previous run's %s from %s", ", ".join(previous), out
             )
-        for name in stale:
-            (shutil.rmtree if (out / name).is_dir() else Path.unlink)(out / name)
+            _remove(out, previous)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(config))
         recipe_log.info(
@@ -98,6 +96,20 @@ def start_run(config_class: type, argv: list[str] | None, recipe_log: logging.Lo
     )
     overridden = frozenset(override.partition("=")[0] for override in overrides)
     return StartedRun(config, accelerator, out, overridden)
+
+
+def remove_final_outputs(out: Path, is_main: bool) -> None:
+    """Remove an earlier attempt's final outputs from ``out`` (the main process does): called once this run is known
+    to start afresh or to continue that attempt, which writes them again at the end."""
+    stale = [name for name in FINAL_OUTPUTS if (out / name).exists()]
+    if is_main and stale:
+        log.info("removing the last attempt's %s from %s (written again at the end)", ", ".join(stale), out)
+        _remove(out, stale)
+
+
+def _remove(out: Path, names: list[str]) -> None:
+    for name in names:
+        (shutil.rmtree if (out / name).is_dir() else Path.unlink)(out / name)
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
