@@ -21,13 +21,13 @@ which writes this command for a recipe that cannot score in its own run.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from flexlora.recipe_kit.models import load_causal_lm
 from flexlora.recipe_kit.records import setup_logging
+from flexlora.recipe_kit.run_config import run_recipe
 from flexlora.recipe_kit.scoring import attach_adapter, format_table, score, write_report
 from flexlora.recipe_kit.scoring_cli import command_line_parser, eval_config_from_args
 from flexlora.recipe_kit.sections import ModelConfig
@@ -64,4 +64,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_recipe(main)  # a bad argument, adapter or data folder: one line, exit status 2

@@ -17,6 +17,8 @@ from accelerate import Accelerator, ParallelismConfig
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
+from .errors import UserError
+
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
@@ -44,8 +46,8 @@ def _parallelism_config(accelerator_kwargs: dict) -> ParallelismConfig | None:
         for dim in UNSUPPORTED_PARALLELISM
         if getattr(config, f"{dim}_size") > 1
     ]
-    if refused:
-        raise ValueError(
+    if refused:  # the launch config is the user's: a one-line refusal, not a traceback
+        raise UserError(
             f"parallelism_config asks for {' and '.join(refused)}: FlexLoRA's allocator edits adapter tensors sharded "
             "by rows only; use data parallelism: dp_shard_size (FSDP2), times dp_replicate_size for HSDP "
             "(accelerate_configs/hsdp_multinode.yaml)"
@@ -80,7 +82,7 @@ def build_accelerator(**accelerator_kwargs) -> Accelerator:
     use_deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED") or accelerator_kwargs.get("deepspeed_plugin") is not None
     use_fsdp = _env_flag("ACCELERATE_USE_FSDP") or accelerator_kwargs.get("fsdp_plugin") is not None
     if use_deepspeed and use_fsdp:
-        raise ValueError("the launch config asks for both FSDP and DeepSpeed; choose one accelerate config")
+        raise UserError("the launch config asks for both FSDP and DeepSpeed; choose one accelerate config")
     world_size = os.environ.get("WORLD_SIZE")
     if world_size is None and os.environ.get("MASTER_PORT"):
         raise RuntimeError(
@@ -106,7 +108,7 @@ def build_accelerator(**accelerator_kwargs) -> Accelerator:
     if use_fsdp:
         fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
         if fsdp_plugin.fsdp_version != 2:
-            raise ValueError(
+            raise UserError(
                 f"FSDP version {fsdp_plugin.fsdp_version} requested: FlexLoRA supports FSDP2 only. Set "
                 "`fsdp_version: 2` under fsdp_config in the accelerate config (see accelerate_configs/fsdp2.yaml), "
                 "or pass FullyShardedDataParallelPlugin(fsdp_version=2)"

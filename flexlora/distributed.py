@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .errors import UserError
 from .names import EXPAND_INITS, FACTOR_TENSORS, GLOBAL_EXPAND_INITS, GRADIENT_METRICS, IMPORTANCE_METRICS
 
 try:
@@ -342,17 +343,19 @@ def check_allocation_support(model: torch.nn.Module, layers: list, config) -> No
     deepspeed = any(is_zero3_param(p) or is_zero12_param(p) for p in params)
     if config.importance in GRADIENT_METRICS and deepspeed:
         lambda_metrics = ", ".join(m for m in IMPORTANCE_METRICS if m not in GRADIENT_METRICS)
-        raise RuntimeError(
+        raise UserError(
             f"importance={config.importance!r} needs each adapter parameter's gradient after the optimizer step, "
             f"which DeepSpeed frees inside its step: use FSDP2 or DDP for this metric, or a lambda-based metric "
-            f"({lambda_metrics}) with DeepSpeed"
+            f"({lambda_metrics}) with DeepSpeed",
+            ("importance",),
         )
     if config.expand_init in GLOBAL_EXPAND_INITS and any(is_sharded(p) for p in params):
         local_inits = " or ".join(repr(init) for init in EXPAND_INITS if init not in GLOBAL_EXPAND_INITS)
-        raise RuntimeError(
+        raise UserError(
             f"expand_init={config.expand_init!r} orthogonalises a new direction against all active columns of P "
             f"and rows of Q, which a sharded engine (FSDP2, ZeRO-3) spreads over processes: use expand_init="
-            f"{local_inits} there, or DDP / ZeRO-2 / one device for this ablation"
+            f"{local_inits} there, or DDP / ZeRO-2 / one device for this ablation",
+            ("expand_init",),
         )
 
 

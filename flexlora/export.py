@@ -158,12 +158,13 @@ def export_peft(adapters: Adapters, directory: str | Path, task_type: str | None
     for module_name in adapters.modules_to_save:
         for param_name, param in adapters.model.get_submodule(module_name).named_parameters():
             state[f"base_model.model.{module_name}.{param_name}"] = _full(param)
-    if not _is_main_process():
-        return rank_pattern
+    # refused on every process alike, so none is left waiting at a barrier for the one that raised
     if not rank_pattern:
         raise ValueError("every module was pruned to rank 0: there is no LoRA adapter to export")
     if len(fan_in_fan_out) > 1:
         raise ValueError("PEFT needs one fan_in_fan_out for all modules; this model mixes Linear and Conv1D targets")
+    if not _is_main_process():
+        return rank_pattern
     # Anchored, escaped names so that "layers.1.q_proj" cannot also match "layers.11.q_proj".
     pattern = {"^" + re.escape(name): rank for name, rank in rank_pattern.items()}
     peft_config = LoraConfig(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,8 @@ from flexlora.recipe_kit.scoring import (
 )
 from flexlora.recipe_kit.scoring_cli import eval_config_from_args, scoring_command
 from flexlora.recipe_kit.sections import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 
@@ -312,3 +317,17 @@ def test_table_has_the_paper_layout():
         f"| Llama-3-8B | {CONSTANT_ROW} [llm-adapters, n=18-20] | - | 60.0 | 55.0 | - | - | - | - | - | - | 57.5 |"
     )
     assert len(table) == 5
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [(["--base", "/nonexistent-model", "--limit", "0"], "limit"), (["--base", "/nonexistent-model"], "/nonexistent")],
+)
+def test_the_scoring_command_line_ends_a_user_error_in_one_line_with_exit_2(argv, named):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "eval.commonsense", *argv], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert named in line and "Traceback" not in done.stderr

@@ -4,6 +4,7 @@ checkpoint folder without a manifest is named, and schedules that cannot work ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -16,10 +17,13 @@ from conftest import TARGETS, make_tiny_llama
 
 from flexlora import FlexLoRAConfig
 from flexlora.accelerate_setup import build_accelerator
+from flexlora.errors import UserError
 from flexlora.recipe_kit.checkpoints import Checkpointer, content_fingerprint, write_manifest
 from flexlora.recipe_kit.loop import DataIdentity, EpochPermutation
-from flexlora.recipe_kit.records import JsonLinesTracker
+from flexlora.recipe_kit.records import JsonLinesTracker, flat_config
+from flexlora.recipe_kit.run_config import ConfigError
 from flexlora.recipe_kit.sections import CheckpointConfig, ModelConfig, TrainConfig
+from flexlora.recipe_kit.startup import refuse_another_run
 from flexlora.recipe_kit.train_setup import build_training, run_metrics, schedule_warnings
 
 ROWS, MICRO_BATCH, BATCH = 10, 2, 8  # 5 micro-batches per epoch, accumulation 4: windows of 4, then 1
@@ -172,3 +176,20 @@ def test_schedules_that_cannot_work_are_warned_about(settings, expected):
     assert len(warnings) == len(expected)
     for warning, start in zip(warnings, expected):
         assert start in warning
+
+
+def test_a_checkpoint_older_than_data_fingerprints_is_refused_saying_so(tmp_path):
+    config = LoopConfig()
+    identity = {"method": "flexlora", "total_steps": 6, "examples": 12, "data_fingerprint": "ab" * 32}
+    state = {key: value for key, value in identity.items() if key != "data_fingerprint"}
+    state["config"] = flat_config(dataclasses.asdict(config))
+    with pytest.raises(ConfigError, match="predates the training-data fingerprint.*allow_config_change=true"):
+        refuse_another_run(tmp_path / "step_6", state, identity, "data.path rows.json", config)
+    config.checkpoint.allow_config_change = True
+    refuse_another_run(tmp_path / "step_6", state, identity, "data.path rows.json", config)
+
+
+def test_a_batch_the_process_count_does_not_divide_is_a_user_error_naming_both_fields():
+    with pytest.raises(UserError, match="not a multiple of micro_batch_size x processes = 2 x 3") as error:
+        TrainConfig(batch_size=16, micro_batch_size=2).gradient_accumulation(3)
+    assert error.value.fields == ("train.batch_size", "train.micro_batch_size")

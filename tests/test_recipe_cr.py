@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -415,9 +416,13 @@ def test_resume_refuses_changed_settings_and_reruns_refuse_to_mix_logs(recipe, t
     with pytest.raises(ConfigError, match="already holds a run .*checkpoint.overwrite=true"):
         run_recipe(recipe, tiny_model_dir, out, **{"eval.enabled": "false", "checkpoint.resume": "false"})
     assert _read_jsonl(out / "train_log.jsonl") == first_log  # neither attempt touched the run
-    for path, content in finished.items():  # nor removed the finished run's adapter, export, heatmap or metrics
-        if path.name != "config.yaml" and "tensorboard" not in path.parts:
-            assert path.read_bytes() == content, path
+    for path, content in finished.items():  # nor changed the finished run's adapter, export, metrics or config.yaml
+        assert path.read_bytes() == content, path
+    shutil.rmtree(out / "checkpoints")  # final outputs with nothing to resume them from: refused, not removed
+    with pytest.raises(ConfigError, match="holds a run's adapter, peft.* but no valid checkpoint"):
+        run_recipe(recipe, tiny_model_dir, out, **{"eval.enabled": "false"})
+    for path, content in finished.items():
+        assert path.read_bytes() == content, path
     run_recipe(
         recipe,
         tiny_model_dir,

@@ -28,7 +28,7 @@ from .checkpoints import (
 from .methods import AdapterMethod
 from .records import JsonLinesTracker, flat_config
 from .run_config import TrainingStopped
-from .startup import refuse_another_run, remove_final_outputs
+from .startup import refuse_another_run, settle_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +158,12 @@ class TrainLoop:
         one, the run starts at step 0 and logs left by an earlier attempt that never checkpointed are cleared."""
         resume_from = self.checkpointer.latest_valid() if self.config.checkpoint.resume else None
         if resume_from is None:
+            settle_output_dir(self.out, self.config, self.accelerator.is_main_process, resumed=False)
             self._trim_logs(0)
-            remove_final_outputs(self.out, self.accelerator.is_main_process)
             return False
         state = self._read(resume_from / TRAINER_STATE, lambda path: json.loads(path.read_text()))
         refuse_another_run(resume_from, state, self._run_identity(), self.run_spec.data.source, self.config)
-        remove_final_outputs(self.out, self.accelerator.is_main_process)
+        settle_output_dir(self.out, self.config, self.accelerator.is_main_process, resumed=True)
         self._read(resume_from / "adapter", lambda path: self.method.load_checkpoint(resume_from, self.model))
         self._read(resume_from / "optimizer.pt", lambda path: load_optimizer(self.model, self.optimizer, path))
         self._read(

@@ -26,6 +26,7 @@ from typing import Literal
 from transformers import SchedulerType  # the names transformers.get_scheduler accepts
 
 from flexlora.config import choice_problem, raise_problems
+from flexlora.errors import UserError
 from flexlora.names import METHODS
 
 MODEL_INITS = ("pretrained", "random")
@@ -138,10 +139,11 @@ class TrainConfig:
 
     def gradient_accumulation(self, num_processes: int) -> int:
         per_step = self.micro_batch_size * num_processes
-        if self.batch_size % per_step:
-            raise ValueError(
+        if self.batch_size % per_step:  # the launch's process count against the yaml: known only at start-up
+            raise UserError(
                 f"train.batch_size={self.batch_size} is not a multiple of micro_batch_size x processes = "
-                f"{self.micro_batch_size} x {num_processes}"
+                f"{self.micro_batch_size} x {num_processes}",
+                ("train.batch_size", "train.micro_batch_size"),
             )
         return self.batch_size // per_step
 

@@ -16,20 +16,13 @@ from flexlora.accelerate_setup import build_accelerator
 from .records import build_trackers, flat_config, setup_logging
 from .run_config import ConfigError, check_writable_folder, config_to_yaml, load_config, parse_cli
 
-# What shows that output_dir holds a run: its records, which a resumed run continues.
-RUN_RECORDS = ("checkpoints", "train_log.jsonl", "eval.jsonl", "tensorboard")
+# What shows that output_dir holds a run: its records, which a resumed run continues. eval.json is among them: a
+# multi-process run's score comes from the command it prints, which no rerun of the recipe writes again.
+RUN_RECORDS = ("checkpoints", "train_log.jsonl", "eval.jsonl", "tensorboard", "eval.json")
 # What a run writes once it has trained (train_setup.save_outputs and the recipes): an earlier attempt's are removed
-# once this run is known to continue it (remove_final_outputs), so a run that fails never leaves them beside its own
+# once this run is known to continue it (settle_output_dir), so a run that fails never leaves them beside its own
 # files, and a refused resume loses nothing.
-FINAL_OUTPUTS = (
-    "adapter",
-    "peft",
-    "rank_pattern.json",
-    "allocation.jsonl",
-    "rank_heatmap.png",
-    "metrics.json",
-    "eval.json",
-)
+FINAL_OUTPUTS = ("adapter", "peft", "rank_pattern.json", "allocation.jsonl", "rank_heatmap.png", "metrics.json")
 # the commonsense recipe's generated data set: written again by the run that uses it
 GENERATED_DATA = "synthetic_data"
 
@@ -75,14 +68,16 @@ def start_run(config_class: type, argv: list[str] | None, recipe_log: logging.Lo
     setup_logging(accelerator.is_main_process)
     if accelerator.is_main_process:
         # overwrite removes everything, TensorBoard's event files included, so no file mixes two runs; resume keeps
-        # it all until the loop has checked that the checkpoint belongs to this run (remove_final_outputs)
+        # it all, config.yaml included, until the loop has checked that the checkpoint belongs to this run
+        # (settle_output_dir)
         if previous and not config.checkpoint.resume:
             recipe_log.warning(
                 "checkpoint.overwrite=true: removing the previous run's %s from %s", ", ".join(previous), out
             )
             _remove(out, previous)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(config))
+        if not (out / "config.yaml").exists():
+            (out / "config.yaml").write_text(config_to_yaml(config))
         recipe_log.info(
             "resolved config (%s + %s):\n%s", config_path, overrides or "no overrides", config_to_yaml(config)
         )
@@ -98,13 +93,21 @@ def start_run(config_class: type, argv: list[str] | None, recipe_log: logging.Lo
     return StartedRun(config, accelerator, out, overridden)
 
 
-def remove_final_outputs(out: Path, is_main: bool) -> None:
-    """Remove an earlier attempt's final outputs from ``out`` (the main process does): called once this run is known
-    to start afresh or to continue that attempt, which writes them again at the end."""
+def settle_output_dir(out: Path, config, is_main: bool, resumed: bool) -> None:
+    """Once the loop has found the checkpoint it continues (``resumed``, its identity checked) or none: the earlier
+    attempt's final outputs go (this run writes them again at the end) and config.yaml becomes this run's. Final
+    outputs with no checkpoint to continue belong to a run this one cannot resume, and are refused, not removed."""
     stale = [name for name in FINAL_OUTPUTS if (out / name).exists()]
-    if is_main and stale:
-        log.info("removing the last attempt's %s from %s (written again at the end)", ", ".join(stale), out)
-        _remove(out, stale)
+    if stale and not resumed:
+        raise ConfigError(
+            f"output_dir {out} holds a run's {', '.join(stale)} but no valid checkpoint to resume it from: choose "
+            "another output_dir, or pass checkpoint.resume=false checkpoint.overwrite=true to replace that run"
+        )
+    if is_main:
+        if stale:
+            log.info("removing the last attempt's %s from %s (written again at the end)", ", ".join(stale), out)
+            _remove(out, stale)
+        (out / "config.yaml").write_text(config_to_yaml(config))
 
 
 def _remove(out: Path, names: list[str]) -> None:
@@ -127,8 +130,8 @@ def refuse_another_run(checkpoint: Path, state: dict, identity: dict, data_sourc
     if {key: state.get(key) for key in run} != run:
         raise ConfigError(
             f"{checkpoint} was written by a different run (method {state.get('method')}, "
-            f"{state.get('total_steps')} steps, {state.get('examples')} examples); use another output_dir or "
-            "checkpoint.resume=false"
+            f"{state.get('total_steps')} steps, {state.get('examples')} examples); use another output_dir, or "
+            "checkpoint.resume=false checkpoint.overwrite=true to replace it"
         )
     if config.checkpoint.allow_config_change:
         return
@@ -138,12 +141,17 @@ def refuse_another_run(checkpoint: Path, state: dict, identity: dict, data_sourc
         raise ConfigError(
             f"{checkpoint} was trained with other settings: "
             + "; ".join(f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in changed)
-            + ". Resume with the checkpoint's settings, use another output_dir, or pass "
-            "checkpoint.allow_config_change=true"
+            + ". Resume with the checkpoint's settings, use another output_dir, pass "
+            "checkpoint.allow_config_change=true, or checkpoint.resume=false checkpoint.overwrite=true to replace it"
+        )
+    if state.get("data_fingerprint") is None:
+        raise ConfigError(
+            f"{checkpoint} predates the training-data fingerprint, so whether {data_source} changed since is unknown: "
+            "pass checkpoint.allow_config_change=true to resume it on the data as it is now"
         )
     if state.get("data_fingerprint") != identity["data_fingerprint"]:
         raise ConfigError(
             f"{checkpoint} was trained on other data: the contents of {data_source} changed since (fingerprint "
             f"{str(state.get('data_fingerprint'))[:12]} -> {identity['data_fingerprint'][:12]}); train on the data it "
-            "was trained on, use another output_dir, or pass checkpoint.resume=false"
+            "was trained on, use another output_dir, or pass checkpoint.resume=false checkpoint.overwrite=true"
         )
