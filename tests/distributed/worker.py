@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import flexlora
 from flexlora import distributed as fl_dist
 from flexlora.accelerate_setup import build_accelerator
+from flexlora.errors import UserError
 from flexlora.export import adapter_state_dict, export_peft, load_adapters, save_adapters
 
 EXPECTED_TYPE = {
@@ -219,7 +220,7 @@ def check_refusals(engine: str, adapters) -> None:
         config = adapters.config.replace(**overrides)
         try:
             flexlora.RankAllocator(adapters, config)
-        except RuntimeError as error:
+        except UserError as error:
             assert phrase in str(error), f"{engine}/{scenario}: unexpected error {error}"
         else:
             raise AssertionError(f"{engine} accepted {scenario}, which it cannot compute correctly")
