@@ -27,7 +27,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import flexlora
 from flexlora.accelerate_setup import build_accelerator
-from flexlora.distributed import CollectiveRecorder, lambda_gather_payload
+from flexlora.collective_recorder import CollectiveRecorder
+from flexlora.distributed import lambda_gather_payload
 
 DECISION_CHECK_BYTES = 16  # two int64: the all-reduce comparing decision digests
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]

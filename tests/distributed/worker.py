@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import flexlora
 from flexlora import distributed as fl_dist
 from flexlora.accelerate_setup import build_accelerator
+from flexlora.collective_recorder import CollectiveRecorder
 from flexlora.errors import UserError
 from flexlora.export import adapter_state_dict, export_peft, load_adapters, save_adapters
 
@@ -167,7 +168,7 @@ def train(
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)  # a no-op call under DeepSpeed
         optimizer.step()
-        with fl_dist.CollectiveRecorder() as recorder:
+        with CollectiveRecorder() as recorder:
             changes = allocator.step(step, optimizer)
         if changes:
             comm[step] = {"calls": recorder.calls, "counted": allocator.collectives_last_step}
