@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from flexlora.recipe_kit.scoring import PAPER_TASKS
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"glue": ROOT / "recipes" / "deberta_glue.py", "cr": ROOT / "recipes" / "llama3_cr.py"}
 METHODS = ("lora", "adalora", "flexlora")  # flexlora.names.METHODS, in the order the report lists them
@@ -20,16 +22,7 @@ GLUE_METRICS = {  # main metric first; the recipe's metrics.json names them "<sp
     "rte": ("RTE", ["accuracy"]),
     "stsb": ("STS-B", ["pearson", "spearman"]),
 }
-CR_TASKS = [
-    ("boolq", "BoolQ"),
-    ("piqa", "PIQA"),
-    ("social_i_qa", "SIQA"),
-    ("hellaswag", "HellaS."),
-    ("winogrande", "WinoG."),
-    ("ARC-Easy", "ARC-e"),
-    ("ARC-Challenge", "ARC-c"),
-    ("openbookqa", "OBQA"),
-]
+CR_TASKS = PAPER_TASKS  # the commonsense tasks and their Table 2 columns, as the scorer names them
 CONVERGED_POINTS = 0.5  # LoRA's last two validation scores within this many points (x 100)
 
 
