@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+# The GLUE tsv files live beside the checkout (../shared/data/glue); a clone elsewhere skips what needs them.
+GLUE_DIR = Path(os.environ.get("FLEXLORA_GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
+needs_glue_data = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"GLUE tsv files not found at {GLUE_DIR}")
 
 
 def make_tiny_llama(seed: int = 0, layers: int = 2):

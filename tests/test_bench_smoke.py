@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TARGETS, make_tiny_llama
+from conftest import GLUE_DIR, TARGETS, make_tiny_llama, needs_glue_data
 from tiny_models import build_tiny_model_dir
 
 import flexlora
@@ -146,12 +146,14 @@ def quality(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
     model = build_tiny_model_dir(out / "tiny_llama")
     args = ["--work-dir", str(out / "work"), "--set-cr", f"model.path={model}", "--set-cr", "model.gguf_file=null"]
+    args += ["--set-glue", f"data.data_dir={GLUE_DIR}"]
     first = run_bench("bench.quality", out, *args)
     report = (out / "quality_smoke.md").read_text()
     again = run_bench("bench.quality", out, *args)
     return report, first, again, out
 
 
+@needs_glue_data
 def test_quality_report_has_every_table_at_equal_budget(quality):
     report, _, _, out = quality
     check_well_formed(report)
@@ -235,9 +237,18 @@ def test_quality_report_has_every_table_at_equal_budget(quality):
     assert all(run["commit"] and run["args"] and "output_dir" not in " ".join(run["args"]) for run in results)
 
 
+@needs_glue_data
 def test_paper_schedule_smoke_scores_every_epoch_and_reports_final_and_best(tmp_path):
     """--paper --smoke: Table 8's structure (epochs, per-epoch scoring, final and best, the paper's own rows)."""
-    run_bench("bench.quality", tmp_path, "--paper", "--work-dir", str(tmp_path / "work"))
+    run_bench(
+        "bench.quality",
+        tmp_path,
+        "--paper",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--set-glue",
+        f"data.data_dir={GLUE_DIR}",
+    )
     report = (tmp_path / "quality_paper_smoke.md").read_text()
     check_well_formed(report)
     final = table_with(report, "row", "RTE accuracy")
@@ -267,6 +278,7 @@ def test_paper_schedule_smoke_scores_every_epoch_and_reports_final_and_best(tmp_
     )
 
 
+@needs_glue_data
 def test_quality_sweep_resumes_instead_of_rerunning(quality):
     _, first, again, _ = quality
     assert "17 runs in all, 0 finished, 9 to run now and more once the lr sweep has chosen" in first

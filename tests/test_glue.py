@@ -1,18 +1,15 @@
 """GLUE data loading (real tsv files and malformed ones), metric definitions, and a smoke run of the recipe."""
 
 import math
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import GLUE_DIR, needs_glue_data
 
 from flexlora.recipe_kit.data import glue
 from flexlora.recipe_kit.models import resolve_model_location
-
-GLUE_DIR = Path(os.environ.get("FLEXLORA_GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
-needs_glue_data = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"GLUE tsv files not found at {GLUE_DIR}")
 
 
 # ---- the real files --------------------------------------------------------------------------------------
