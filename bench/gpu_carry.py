@@ -14,10 +14,16 @@ What it holds, and why:
   5.17 lacks ``activation_checkpointing_enable``, which the recipes call; its peft is of unknown version), and
   pytest with its dependencies for the packed = padded test (``packaging`` too: pytest needs >= 24). torch,
   accelerate (1.15, as pinned), huggingface_hub (transformers 5.24 imports with the machine's: see
-  bench/results/quality_gpu_logs/imports.log), tokenizers and safetensors are the machine's own.
+  bench/results/quality_gpu_logs/imports.log), tokenizers, safetensors, and numpy and matplotlib (the recipe's
+  rank heatmap) are the machine's own.
   Nothing the check runs imports datasets, lm_eval or gguf (the recipe kit imports them only for hub data sets,
-  scoring and GGUF files), so none is carried; bitsandbytes (~60 MiB, CUDA builds) is not carried either, and the
-  4-bit step is skipped where the machine lacks it.
+  scoring and GGUF files), so none is carried.
+* ``wheels/bitsandbytes-*.whl``, trimmed, for the 4-bit step: bitsandbytes' one manylinux wheel (41 MiB) holds a
+  native library per CUDA and ROCm version, and picks the one matching ``torch.version.cuda`` at import. Fetched
+  as above with ``--platform manylinux_2_24_x86_64``, then rewritten keeping every file except the other versions'
+  libraries: the CPU one and ``libbitsandbytes_cuda130.so`` stay (the machine's torch is 2.11+cu130), 2 MiB
+  compressed. gpu_check.sh unpacks it like the others (it is never pip-installed, so its RECORD is not rewritten).
+  Its own dependencies (torch, numpy, packaging) are the machine's.
 * ``data/commonsense/<task>/train.json``: the first ``--rows-per-task`` rows of each LLM-Adapters train file found
   in ``--data-dir`` (with its licence file), enough for the check's runs (30 steps x 8 rows).
 * ``manifest.txt``: every file with its size and sha256, and the command that made the folder.
@@ -35,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 # The versions requirements.txt pins (transformers, peft, pytest) and pytest's dependencies as this venv resolved them.
@@ -48,29 +55,49 @@ WHEELS = (
     "packaging==26.4",
 )
 TARGET = ("--python-version", "3.12", "--platform", "manylinux2014_x86_64")
+BITSANDBYTES = "bitsandbytes==0.50.2"  # as requirements.txt pins it
+BITSANDBYTES_PLATFORM = "manylinux_2_24_x86_64"
+BITSANDBYTES_KEPT_LIBRARIES = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so")  # the machine's torch: cu130
 LICENCE = "LLM-Adapters.DATA_LICENSE"
+
+
+def pip_download(folder: Path, target: tuple[str, ...], *requirements: str) -> None:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *target]
+    subprocess.run([*command, "--dest", str(folder), *requirements], check=True)
 
 
 def download_wheels(folder: Path) -> None:
     folder.mkdir(parents=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            *TARGET,
-            "--dest",
-            str(folder),
-            *WHEELS,
-        ],
-        check=True,
-    )
+    pip_download(folder, TARGET, *WHEELS)
     fetched = sorted(p.name for p in folder.glob("*.whl"))
     if len(fetched) != len(WHEELS) or any(not name.endswith("-py3-none-any.whl") for name in fetched):
         raise SystemExit(f"gpu_carry: expected {len(WHEELS)} pure-Python wheels, got {fetched}")
+
+
+def trim_native_libraries(wheel: Path, kept: tuple[str, ...]) -> list[str]:
+    """Rewrite ``wheel`` without the ``libbitsandbytes_*.so`` files not named in ``kept``; returns the dropped ones."""
+    trimmed = wheel.with_suffix(".trimming")
+    dropped = []
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            name = item.filename.rsplit("/", 1)[-1]
+            if name.startswith("libbitsandbytes_") and name.endswith(".so") and name not in kept:
+                dropped.append(name)
+                continue
+            target.writestr(item, source.read(item))
+    missing = set(kept) - {n.rsplit("/", 1)[-1] for n in zipfile.ZipFile(trimmed).namelist()}
+    if missing:
+        raise SystemExit(f"gpu_carry: {wheel.name} lacks {sorted(missing)}")
+    trimmed.replace(wheel)
+    return dropped
+
+
+def download_bitsandbytes(folder: Path) -> None:
+    with tempfile.TemporaryDirectory() as fetched:
+        pip_download(Path(fetched), ("--python-version", "3.12", "--platform", BITSANDBYTES_PLATFORM), BITSANDBYTES)
+        (wheel,) = Path(fetched).glob("bitsandbytes-*.whl")
+        trim_native_libraries(wheel, BITSANDBYTES_KEPT_LIBRARIES)
+        shutil.move(wheel, folder / wheel.name)
 
 
 def copy_rows(data_dir: Path, target: Path, rows_per_task: int) -> int:
@@ -124,12 +151,13 @@ def main(argv=None) -> int:
     try:
         if not args.no_wheels:
             download_wheels(staging / "wheels")
+            download_bitsandbytes(staging / "wheels")
         tasks = copy_rows(args.data_dir, staging / "data" / "commonsense", args.rows_per_task)
         total = write_manifest(staging, command)
         staging.rename(args.out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    wheels = "" if args.no_wheels else f", {len(WHEELS)} wheels"
+    wheels = "" if args.no_wheels else f", {len(WHEELS)} wheels and a trimmed bitsandbytes"
     print(
         f"{args.out}: {tasks} tasks x {args.rows_per_task} rows{wheels}, {total / 2**20:.2f} MiB (manifest.txt lists "
         "every file)"

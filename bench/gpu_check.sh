@@ -2,7 +2,7 @@
 # The GPU check: one command, about 5 minutes on one GPU (it stops starting steps after --budget seconds), that needs
 # only the machine's own Python with torch, transformers, accelerate and peft, plus the carry folder.
 #
-#   python -m bench.gpu_carry                                   # once, with a registry: .gpucarry/ (15.6 MiB)
+#   python -m bench.gpu_carry                                   # once, with a registry: .gpucarry/ (19.0 MiB)
 #   bash bench/gpu_check.sh --carry .gpucarry --out DIR         # on the bare GPU machine, from the repository root
 #   bash bench/gpu_check.sh                                     # a GPU machine with `make install`'s environment
 #   bash bench/gpu_check.sh --smoke --model-config DIR --out DIR [--carry DIR]   # CPU, ~2 min (tests/test_gpu_check.py)
@@ -24,8 +24,8 @@
 #  packing    (d) tests/test_packing.py's packed = padded test: sdpa fp32 on CPU, sdpa bf16 on CUDA, and flash-attn bf16
 #             where flash_attn imports
 #  fsdp2      (e) cr8b-flexlora under FSDP2 (accelerate_configs/fsdp2.yaml) in one process
-#  nf4-M      (c) cr8b-M with model.quantization=nf4 where bitsandbytes imports (no resume: tests/test_quantized.py
-#             resumes nf4 runs on the CPU), else one row "skipped: bitsandbytes not carried"
+#  nf4-M      (c) cr8b-M with model.quantization=nf4, and nf4-M-resume, where bitsandbytes imports (the carry holds
+#             it, trimmed to its CPU and CUDA 13.0 libraries), else one row "skipped: bitsandbytes not carried"
 # --smoke runs the same steps on the CPU with the config.json folder --model-config names (the test writes LLaMA3-8B's
 # at 2 layers and width 64), fp32, 6 steps of 4 rows (allocation and checkpoint at 3), FSDP2 as two gloo processes
 # (accelerate's CPU launcher has no one-process FSDP).
@@ -200,6 +200,9 @@ elif "$PYTHON" -c "import json, sys; sys.exit(not json.load(open(sys.argv[1]))['
 then
     for method in flexlora lora; do
         train "nf4-$method" "${SINGLE[@]}" -- method="$method" model.quantization=nf4
+    done
+    for method in flexlora lora; do
+        resume "nf4-$method"
     done
 else
     record nf4 "skipped: bitsandbytes not carried" 0 -

@@ -12,6 +12,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
 from test_bench_smoke import table_with, tables
 from test_random_init import small_llama3_dir
 
@@ -70,6 +71,8 @@ def test_gpu_check_smoke_runs_every_step_from_a_carry_folder(tmp_path):
         str(out),
         "--work",
         str(work),
+        "--budget",  # within the timeout below, so a slow machine ends in skipped steps, not a killed check
+        "840",
     ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -79,7 +82,9 @@ def test_gpu_check_smoke_runs_every_step_from_a_carry_folder(tmp_path):
     steps = {row["step"]: row["status"] for row in table_with(summary, "step", "peak GPU MiB")}
     environment = json.loads((work / "env.json").read_text())
     if environment["bitsandbytes_usable"]:  # (c) runs wherever bitsandbytes imports, here too
-        assert steps == dict.fromkeys(STEPS + ["nf4-flexlora", "nf4-lora"], "ok")
+        assert steps == dict.fromkeys(
+            STEPS + ["nf4-flexlora", "nf4-lora", "nf4-flexlora-resume", "nf4-lora-resume"], "ok"
+        )
     else:
         assert steps == {**dict.fromkeys(STEPS, "ok"), "nf4": "skipped: bitsandbytes not carried"}
         assert "skipped: bitsandbytes not carried" in summary.split("## (c)")[1]
@@ -94,8 +99,7 @@ def test_gpu_check_smoke_runs_every_step_from_a_carry_folder(tmp_path):
         assert runs[f"{prefix}-lora"]["rank changes"] == "0"
         for row in runs.values():
             assert row["steps"] == "6" and float(row["tokens/s"]) > 0 and float(row["step vs LoRA"]) > 0
-            if prefix == "cr8b":  # (c) does not resume
-                assert row["resume"] == "step 3 -> 6" and float(row["max abs loss diff after resume"]) <= 1e-6
+            assert row["resume"] == "step 3 -> 6" and float(row["max abs loss diff after resume"]) <= 1e-6
             assert row["PEFT export"] == "present" and float(row["peak MiB (torch)"]) > 0
 
     fsdp = dict(tables(summary.split("## (e)")[1])[0][1:])  # a two-column table: name -> value
@@ -117,3 +121,26 @@ def test_gpu_check_smoke_runs_every_step_from_a_carry_folder(tmp_path):
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "already holds a check" in again.stderr
+
+
+def test_carried_bitsandbytes_keeps_only_the_cpu_and_cuda_13_libraries(tmp_path):
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    libraries = ["cpu", "cuda118", "cuda128", "cuda130", "cuda132", "rocm64"]
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("bitsandbytes/__init__.py", "")
+        for library in libraries:
+            archive.writestr(f"bitsandbytes/libbitsandbytes_{library}.so", library)
+        archive.writestr("bitsandbytes-0.50.2.dist-info/RECORD", "")
+    dropped = gpu_carry.trim_native_libraries(wheel, gpu_carry.BITSANDBYTES_KEPT_LIBRARIES)
+    assert sorted(dropped) == [f"libbitsandbytes_{name}.so" for name in ("cuda118", "cuda128", "cuda132", "rocm64")]
+    with zipfile.ZipFile(wheel) as archive:
+        assert sorted(archive.namelist()) == [
+            "bitsandbytes-0.50.2.dist-info/RECORD",
+            "bitsandbytes/__init__.py",
+            "bitsandbytes/libbitsandbytes_cpu.so",
+            "bitsandbytes/libbitsandbytes_cuda130.so",
+        ]
+        assert archive.read("bitsandbytes/libbitsandbytes_cuda130.so") == b"cuda130"
+    (tmp_path / "other.whl").write_bytes(wheel.read_bytes())
+    with pytest.raises(SystemExit, match="lacks"):
+        gpu_carry.trim_native_libraries(tmp_path / "other.whl", ("libbitsandbytes_cuda999.so",))

@@ -56,6 +56,23 @@ def test_a_packed_4bit_layer_is_read_by_its_features_not_its_storage():
     assert all(p.grad is not None for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q)) and base.weight.grad is None
 
 
+def test_adapters_stay_float32_on_a_base_computing_in_bfloat16():
+    """QLoRA's layout: the 4-bit base computes in bf16, the adapters train in fp32 (adapter_dtype's default)."""
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.bfloat16, quant_type="nf4").to("cpu")
+    holder = nn.Sequential(OrderedDict(proj=base))
+    adapters = flexlora.inject(holder, FlexLoRAConfig(target_modules=["proj"], r=2, lora_alpha=4))
+    layer = adapters.layers["proj"]
+    factors = (layer.lora_P, layer.lora_lambda, layer.lora_Q)
+    assert {p.dtype for p in factors} == {torch.float32}
+    with torch.no_grad():
+        layer.lora_lambda.copy_(torch.tensor([0.5, -1.0, 0.0]))
+    output = holder.proj.train()(torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True))
+    output.float().sum().backward()
+    assert torch.isfinite(output.float()).all()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in factors)
+
+
 def test_inject_refuses_base_layers_it_cannot_adapt_exactly_naming_their_type():
     int8 = nn.Sequential(OrderedDict(proj=bnb.nn.Linear8bitLt(32, 16, has_fp16_weights=False).to("cpu")))
     with pytest.raises(ValueError, match=r"proj \(bitsandbytes.nn.modules.Linear8bitLt, weight Int8Params torch.int8"):

@@ -227,18 +227,11 @@ def test_bad_training_row_stops_the_recipe_with_its_index(recipe, tiny_model_dir
         run_recipe(recipe, tiny_model_dir, tmp_path / "out", **{"data.path": str(path)})
 
 
-def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, tmp_path):
-    """Two gloo processes under FSDP2 (build_accelerator's CPU patch) with sharded loading, as the GPU configs have it
-    (only the main process reads the checkpoint), train the same run as one process with gradient accumulation: same
-    losses and gradient norms, same rank decisions (dropout off so both draw no random masks). 12 rows in micro-batches
-    of 2, batch 8: every epoch ends in a short window (2 of 4 micro-batches on one process, 1 of 2 on each of two),
-    whose gradient is still the mean over the micro-batches it holds."""
-    import os
+def _launch_recipe(accelerate_config: str, model_dir: Path, output_dir: Path, **extra) -> str:
+    """The recipe under ``accelerate launch`` with a CPU config; returns its stdout and stderr."""
     import subprocess
     import sys
 
-    same = {"adapter.lora_dropout": 0.0, "eval.enabled": "false", "data.max_samples": 12, "train.batch_size": 8}
-    single = run_recipe(recipe, tiny_model_dir, tmp_path / "single", **same)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MASTER_PORT", None)
     command = [
@@ -246,7 +239,7 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, 
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(REPO / "accelerate_configs" / "cpu_fsdp2.yaml"),
+        str(REPO / "accelerate_configs" / accelerate_config),
         "--main_process_port",
         "0",
         "--fsdp_cpu_ram_efficient_loading",
@@ -254,27 +247,77 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, 
         str(RECIPE),
         "--config",
         str(REPO / "recipes" / "configs" / "quickstart.yaml"),
-        *tiny_overrides(tiny_model_dir, tmp_path / "fsdp2", **same),
+        *tiny_overrides(model_dir, output_dir, **extra),
     ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    output = result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def _assert_trains_as(run: Path, single: Path) -> None:
+    """Same losses and gradient norms as the one-process run, the same rank decisions (their scores agree up to the
+    order of the reductions) and the same final ranks."""
+    for one, two in zip(_read_jsonl(single / "train_log.jsonl"), _read_jsonl(run / "train_log.jsonl"), strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4), two["step"]
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), two["step"]
+    history = {name: _read_jsonl(path / "allocation.jsonl") for name, path in (("single", single), ("run", run))}
+    scores = {name: [change.pop("score") for change in changes] for name, changes in history.items()}
+    assert history["run"] == history["single"]
+    assert scores["run"] == pytest.approx(scores["single"], abs=1e-6)
+    assert json.loads((run / "rank_pattern.json").read_text()) == json.loads((single / "rank_pattern.json").read_text())
+
+
+# dropout off so no process draws random masks; eval off (scoring is tested elsewhere)
+SAME_AS_ONE_PROCESS = {
+    "adapter.lora_dropout": 0.0,
+    "eval.enabled": "false",
+    "data.max_samples": 12,
+    "train.batch_size": 8,
+}
+
+
+def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, tmp_path):
+    """Two gloo processes under FSDP2 (build_accelerator's CPU patch) with sharded loading, as the GPU configs have it
+    (only the main process reads the checkpoint), train the same run as one process with gradient accumulation: same
+    losses and gradient norms, same rank decisions. 12 rows in micro-batches of 2, batch 8: every epoch ends in a
+    short window (2 of 4 micro-batches on one process, 1 of 2 on each of two), whose gradient is still the mean over
+    the micro-batches it holds."""
+    single = run_recipe(recipe, tiny_model_dir, tmp_path / "single", **SAME_AS_ONE_PROCESS)
+    output = _launch_recipe("cpu_fsdp2.yaml", tiny_model_dir, tmp_path / "fsdp2", **SAME_AS_ONE_PROCESS)
     assert "2 process(es), distributed type FSDP" in output
     sharded = re.search(r"(\d+) of (\d+) parameter tensors are sharded", output)
     assert sharded and int(sharded.group(1)) == int(sharded.group(2)) > 0  # FSDP2 really shards, adapters included
     fsdp = tmp_path / "fsdp2"
-    for one, two in zip(_read_jsonl(single / "train_log.jsonl"), _read_jsonl(fsdp / "train_log.jsonl"), strict=True):
-        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4), two["step"]
-        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), two["step"]
-    # the same decisions; their scores agree up to the order of the reductions
-    history = {name: _read_jsonl(run / "allocation.jsonl") for name, run in (("single", single), ("fsdp2", fsdp))}
-    scores = {name: [change.pop("score") for change in changes] for name, changes in history.items()}
-    assert history["fsdp2"] == history["single"]
-    assert scores["fsdp2"] == pytest.approx(scores["single"], abs=1e-6)
-    assert json.loads((fsdp / "rank_pattern.json").read_text()) == json.loads(
-        (single / "rank_pattern.json").read_text()
-    )
+    _assert_trains_as(fsdp, single)
     assert (fsdp / "peft" / "adapter_model.safetensors").is_file() and (fsdp / "checkpoints" / "step_00000006").is_dir()
+
+
+def test_hsdp_2x2_recipe_checkpoints_and_resumes_as_one_process_trains(recipe, tiny_model_dir, tmp_path):
+    """The recipe on a 2 x 2 HSDP mesh (4 gloo processes, sharded loading as in hsdp_multinode.yaml) trains as one
+    process does, and its full checkpoint (sharded adapters, Adam moments, allocator state, data position) resumes:
+    killed after step 3, the rerun continues to the same losses, decisions and PEFT export."""
+    from safetensors.torch import load_file
+
+    # 16 rows: every window is full (one micro-batch of 2 on each of 4 processes, 4 of them on one process)
+    same = {**SAME_AS_ONE_PROCESS, "data.max_samples": 16}
+    single = run_recipe(recipe, tiny_model_dir, tmp_path / "single", **same)
+    hsdp = tmp_path / "hsdp"
+    output = _launch_recipe("cpu_hsdp.yaml", tiny_model_dir, hsdp, **same)
+    assert "4 process(es), distributed type FSDP" in output
+    _assert_trains_as(hsdp, single)
+    first_log = _read_jsonl(hsdp / "train_log.jsonl")
+    first_export = load_file(hsdp / "peft" / "adapter_model.safetensors")
+
+    shutil.rmtree(hsdp / "checkpoints" / "step_00000006")
+    output = _launch_recipe("cpu_hsdp.yaml", tiny_model_dir, hsdp, **same)
+    assert re.search(r"resumed from \S+step_00000003: step 3", output), output[-3000:]
+    resumed_log = _read_jsonl(hsdp / "train_log.jsonl")
+    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4, 5, 6]
+    for before, after in zip(first_log, resumed_log):
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-6, abs=1e-7), after["step"]
+    _assert_trains_as(hsdp, single)
+    for key, tensor in load_file(hsdp / "peft" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(tensor, first_export[key], rtol=1e-5, atol=1e-6)
 
 
 def test_model_loading_choices(tiny_model_dir):
