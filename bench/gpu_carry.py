@@ -104,7 +104,8 @@ def copy_rows(data_dir: Path, target: Path, rows_per_task: int) -> int:
     """The first rows of every <task>/train.json under data_dir; returns how many tasks were copied."""
     tasks = sorted(p.parent for p in data_dir.glob("*/train.json"))
     if not tasks:
-        raise SystemExit(f"gpu_carry: --data-dir {data_dir} holds no <task>/train.json files")
+        print(f"gpu_carry: --data-dir {data_dir} holds no <task>/train.json files", file=sys.stderr)
+        raise SystemExit(2)
     for task in tasks:
         rows = json.loads((task / "train.json").read_text())[:rows_per_task]
         (target / task.name).mkdir(parents=True)

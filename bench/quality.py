@@ -131,6 +131,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.smoke and args.profile is None:
         parser.error("name a profile: --cpu, --paper, --full, --smoke or --paper --smoke")
     args.profile = {None: "smoke", "paper": "paper_smoke"}[args.profile] if args.smoke else args.profile
+    for option in ("set_glue", "set_cr"):
+        for override in getattr(args, option):
+            if "=" not in override:
+                parser.error(f"--{option.replace('_', '-')} takes KEY=VALUE, got {override!r}")
     for option in ("data_dir", "model_dir"):
         location = getattr(args, option)
         if location is not None and not location.is_dir():
@@ -139,9 +143,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def with_extra_overrides(profile: Profile, set_glue: list[str], set_cr: list[str]) -> Profile:
-    for override in set_glue + set_cr:
-        if "=" not in override:
-            raise SystemExit(f"--set-glue/--set-cr take KEY=VALUE, got {override!r}")
     return replace(
         profile,
         glue_common={**profile.glue_common, **dict(o.split("=", 1) for o in set_glue)},
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     if args.only:
         unknown = sorted(set(args.only) - {run.id for run in runs})
         if unknown:
-            raise SystemExit(f"--only: {', '.join(unknown)} not among the runs plannable now (see --plan)")
+            print(f"error: --only: {', '.join(unknown)} not among the runs plannable now (see --plan)", file=sys.stderr)
+            return 2
         remaining = [run for run in remaining if run.id in args.only]
     if remaining:
         left = sum(estimate_seconds(profile, run, on_gpu) for run in remaining)

@@ -29,7 +29,7 @@ from flexlora.recipe_kit.models import load_causal_lm
 from flexlora.recipe_kit.records import setup_logging
 from flexlora.recipe_kit.run_config import run_recipe
 from flexlora.recipe_kit.scoring import attach_adapter, format_table, score, write_report
-from flexlora.recipe_kit.scoring_cli import command_line_parser, eval_config_from_args
+from flexlora.recipe_kit.scoring_cli import OPTION_NAMES, command_line_parser, eval_config_from_args
 from flexlora.recipe_kit.sections import ModelConfig
 
 
@@ -64,4 +64,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_recipe(main)  # a bad argument, adapter or data folder: one line, exit status 2
+    run_recipe(main, OPTION_NAMES)  # a bad argument, adapter or data folder: one line, exit status 2

@@ -321,7 +321,10 @@ def test_table_has_the_paper_layout():
 
 @pytest.mark.parametrize(
     "argv, named",
-    [(["--base", "/nonexistent-model", "--limit", "0"], "limit"), (["--base", "/nonexistent-model"], "/nonexistent")],
+    [
+        (["--base", "/nonexistent-model", "--limit", "0"], "error: --limit must be >= 1"),
+        (["--base", "/nonexistent-model"], "error: --base /nonexistent-model: no such folder"),
+    ],
 )
 def test_the_scoring_command_line_ends_a_user_error_in_one_line_with_exit_2(argv, named):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -331,3 +334,17 @@ def test_the_scoring_command_line_ends_a_user_error_in_one_line_with_exit_2(argv
     assert done.returncode == 2, done.stderr
     (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert named in line and "Traceback" not in done.stderr
+
+
+def test_scoring_errors_call_settings_by_the_options_typed():
+    from flexlora.recipe_kit.run_config import with_option_names
+    from flexlora.recipe_kit.scoring_cli import OPTION_NAMES, command_line_parser
+
+    assert with_option_names("model.path x: no such folder", OPTION_NAMES) == "--base x: no such folder"
+    assert with_option_names("limit must be >= 1", OPTION_NAMES) == "--limit must be >= 1"
+    assert with_option_names("tasks: unknown task 'x'", OPTION_NAMES) == "--tasks: unknown task 'x'"
+    # a bare word elsewhere, or a longer key, is left alone
+    assert with_option_names("over the limit of eval.limits", OPTION_NAMES) == "over the limit of eval.limits"
+    # every option named is one the parser has
+    options = {action.option_strings[0] for action in command_line_parser()._actions if action.option_strings}
+    assert set(OPTION_NAMES.values()) <= options

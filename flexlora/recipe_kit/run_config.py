@@ -97,18 +97,30 @@ def parse_cli(argv: list[str], config_class: type | None = None, prog: str = "re
     return config_path, overrides
 
 
-def run_recipe(main: Callable[[list[str] | None], Any]) -> None:
+def run_recipe(main: Callable[[list[str] | None], Any], option_names: dict[str, str] | None = None) -> None:
     """A recipe's ``if __name__ == "__main__"``: a user error (anything caused by what the user typed or pointed at,
     ``flexlora.errors.UserError``, raised anywhere from reading the config to the first step) ends the run with its
-    message on one line, saying where each named setting came from, and exit status 2 instead of a traceback."""
+    message on one line, saying where each named setting came from, and exit status 2 instead of a traceback.
+
+    ``option_names`` is for a program whose command line has options instead of config keys (``eval.commonsense``):
+    a setting the message names, dotted (``model.path``) or as its section's bare field (``limit``) at the start, is
+    called by the option the user typed (``--base``, ``--limit``)."""
     try:
         main(None)
     except (UserError, FileNotFoundError) as error:  # FileNotFoundError: a path the user named, refused by a library
-        print(f"error: {user_message(error)}", file=sys.stderr)
+        print(f"error: {with_option_names(user_message(error), option_names or {})}", file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingStopped as stopped:  # the model diverged: not the user's input, but nothing to debug in a traceback
         print(f"error: {stopped}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def with_option_names(message: str, option_names: dict[str, str]) -> str:
+    for key, option in option_names.items():
+        message = re.sub(rf"(?<![\w.-]){re.escape(key)}(?![\w.])", option, message)
+        bare = key.rsplit(".", 1)[-1]
+        message = re.sub(rf"^{re.escape(bare)}(?=[ :])", option, message)
+    return message
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

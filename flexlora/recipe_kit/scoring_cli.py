@@ -11,6 +11,20 @@ from .scoring import PAPER_TASKS, PROTOCOLS, EvalConfig
 from .sections import MODEL_DTYPES, ModelConfig
 
 SCORING_PROGRAM = "python -m eval.commonsense"
+# the settings behind each option, so an error about a setting names the option the user typed (run_recipe)
+OPTION_NAMES = {
+    "model.path": "--base",
+    "model.gguf_file": "--gguf-file",
+    "model.dtype": "--dtype",
+    "eval.tasks": "--tasks",
+    "eval.protocol": "--protocol",
+    "eval.data_dir": "--data-dir",
+    "eval.split": "--split",
+    "eval.limit": "--limit",
+    "eval.batch_size": "--batch-size",
+    "eval.max_new_tokens": "--max-new-tokens",
+    "eval.baselines": "--baselines",
+}
 
 
 def command_line_parser(description: str | None = None) -> argparse.ArgumentParser:
