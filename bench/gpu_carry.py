@@ -2,7 +2,7 @@
 with torch, transformers, accelerate and peft, no datasets / lm_eval / gguf / pytest), on any machine with pip and
 network, from the repository root:
 
-    python -m bench.gpu_carry                       # -> .gpucarry/ (git-ignored), 15.6 MiB
+    python -m bench.gpu_carry                       # -> .gpucarry/ (git-ignored), 19.0 MiB
     python -m bench.gpu_carry --out DIR --data-dir ../shared/data/commonsense --rows-per-task 64
 
 What it holds, and why:
@@ -21,7 +21,7 @@ What it holds, and why:
 * ``wheels/bitsandbytes-*.whl``, trimmed, for the 4-bit step: bitsandbytes' one manylinux wheel (41 MiB) holds a
   native library per CUDA and ROCm version, and picks the one matching ``torch.version.cuda`` at import. Fetched
   as above with ``--platform manylinux_2_24_x86_64``, then rewritten keeping every file except the other versions'
-  libraries: the CPU one and ``libbitsandbytes_cuda130.so`` stay (the machine's torch is 2.11+cu130), 2 MiB
+  libraries: the CPU one and ``libbitsandbytes_cuda130.so`` stay (the machine's torch is 2.11+cu130), 3.4 MiB
   compressed. gpu_check.sh unpacks it like the others (it is never pip-installed, so its RECORD is not rewritten).
   Its own dependencies (torch, numpy, packaging) are the machine's.
 * ``data/commonsense/<task>/train.json``: the first ``--rows-per-task`` rows of each LLM-Adapters train file found
@@ -76,25 +76,26 @@ def download_wheels(folder: Path) -> None:
 
 def trim_native_libraries(wheel: Path, kept: tuple[str, ...]) -> list[str]:
     """Rewrite ``wheel`` without the ``libbitsandbytes_*.so`` files not named in ``kept``; returns the dropped ones."""
-    trimmed = wheel.with_suffix(".trimming")
-    dropped = []
-    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as target:
-        for item in source.infolist():
-            name = item.filename.rsplit("/", 1)[-1]
-            if name.startswith("libbitsandbytes_") and name.endswith(".so") and name not in kept:
-                dropped.append(name)
-                continue
-            target.writestr(item, source.read(item))
-    missing = set(kept) - {n.rsplit("/", 1)[-1] for n in zipfile.ZipFile(trimmed).namelist()}
-    if missing:
-        raise SystemExit(f"gpu_carry: {wheel.name} lacks {sorted(missing)}")
+    with zipfile.ZipFile(wheel) as source:
+        names = {item.filename.rsplit("/", 1)[-1] for item in source.infolist()}
+        if not set(kept) <= names:
+            raise SystemExit(f"gpu_carry: {wheel.name} lacks {sorted(set(kept) - names)}")
+        trimmed = wheel.with_suffix(".trimming")
+        dropped = []
+        with zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as target:
+            for item in source.infolist():
+                name = item.filename.rsplit("/", 1)[-1]
+                if name.startswith("libbitsandbytes_") and name.endswith(".so") and name not in kept:
+                    dropped.append(name)
+                    continue
+                target.writestr(item, source.read(item))
     trimmed.replace(wheel)
     return dropped
 
 
 def download_bitsandbytes(folder: Path) -> None:
     with tempfile.TemporaryDirectory() as fetched:
-        pip_download(Path(fetched), ("--python-version", "3.12", "--platform", BITSANDBYTES_PLATFORM), BITSANDBYTES)
+        pip_download(Path(fetched), (*TARGET[:2], "--platform", BITSANDBYTES_PLATFORM), BITSANDBYTES)
         (wheel,) = Path(fetched).glob("bitsandbytes-*.whl")
         trim_native_libraries(wheel, BITSANDBYTES_KEPT_LIBRARIES)
         shutil.move(wheel, folder / wheel.name)

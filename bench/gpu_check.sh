@@ -25,7 +25,7 @@
 #             where flash_attn imports
 #  fsdp2      (e) cr8b-flexlora under FSDP2 (accelerate_configs/fsdp2.yaml) in one process
 #  nf4-M      (c) cr8b-M with model.quantization=nf4, and nf4-M-resume, where bitsandbytes imports (the carry holds
-#             it, trimmed to its CPU and CUDA 13.0 libraries), else one row "skipped: bitsandbytes not carried"
+#             it, trimmed to its CPU and CUDA 13.0 libraries), else one row "skipped: bitsandbytes does not import"
 # --smoke runs the same steps on the CPU with the config.json folder --model-config names (the test writes LLaMA3-8B's
 # at 2 layers and width 64), fp32, 6 steps of 4 rows (allocation and checkpoint at 3), FSDP2 as two gloo processes
 # (accelerate's CPU launcher has no one-process FSDP).
@@ -205,7 +205,7 @@ then
         resume "nf4-$method"
     done
 else
-    record nf4 "skipped: bitsandbytes not carried" 0 -
+    record nf4 "skipped: bitsandbytes does not import" 0 -
 fi
 
 "$PYTHON" -m bench.gpu_check_report summary "$WORK" --out "$OUT" --seconds "$((SECONDS - STARTED))" \

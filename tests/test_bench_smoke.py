@@ -146,7 +146,7 @@ def quality(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
     model = build_tiny_model_dir(out / "tiny_llama")
     args = ["--work-dir", str(out / "work"), "--set-cr", f"model.path={model}", "--set-cr", "model.gguf_file=null"]
-    args += ["--set-glue", f"data.data_dir={GLUE_DIR}"]
+    args += ["--data-dir", str(GLUE_DIR)]
     first = run_bench("bench.quality", out, *args)
     report = (out / "quality_smoke.md").read_text()
     again = run_bench("bench.quality", out, *args)
@@ -246,8 +246,8 @@ def test_paper_schedule_smoke_scores_every_epoch_and_reports_final_and_best(tmp_
         "--paper",
         "--work-dir",
         str(tmp_path / "work"),
-        "--set-glue",
-        f"data.data_dir={GLUE_DIR}",
+        "--data-dir",
+        str(GLUE_DIR),
     )
     report = (tmp_path / "quality_paper_smoke.md").read_text()
     check_well_formed(report)

@@ -343,8 +343,14 @@ def test_scoring_errors_call_settings_by_the_options_typed():
     assert with_option_names("model.path x: no such folder", OPTION_NAMES) == "--base x: no such folder"
     assert with_option_names("limit must be >= 1", OPTION_NAMES) == "--limit must be >= 1"
     assert with_option_names("tasks: unknown task 'x'", OPTION_NAMES) == "--tasks: unknown task 'x'"
-    # a bare word elsewhere, or a longer key, is left alone
+    # every problem of a joined message; a key ending a sentence
+    assert with_option_names("limit must be >= 1; batch_size must be >= 1", OPTION_NAMES) == (
+        "--limit must be >= 1; --batch-size must be >= 1"
+    )
+    assert with_option_names("see model.path.", OPTION_NAMES) == "see --base."
+    # a bare word elsewhere, a longer key, or a key inside a path is left alone
     assert with_option_names("over the limit of eval.limits", OPTION_NAMES) == "over the limit of eval.limits"
+    assert with_option_names("/srv/eval.limit is empty", OPTION_NAMES) == "/srv/eval.limit is empty"
     # every option named is one the parser has
     options = {action.option_strings[0] for action in command_line_parser()._actions if action.option_strings}
     assert set(OPTION_NAMES.values()) <= options

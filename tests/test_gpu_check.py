@@ -86,8 +86,8 @@ def test_gpu_check_smoke_runs_every_step_from_a_carry_folder(tmp_path):
             STEPS + ["nf4-flexlora", "nf4-lora", "nf4-flexlora-resume", "nf4-lora-resume"], "ok"
         )
     else:
-        assert steps == {**dict.fromkeys(STEPS, "ok"), "nf4": "skipped: bitsandbytes not carried"}
-        assert "skipped: bitsandbytes not carried" in summary.split("## (c)")[1]
+        assert steps == {**dict.fromkeys(STEPS, "ok"), "nf4": "skipped: bitsandbytes does not import"}
+        assert "skipped: bitsandbytes does not import" in summary.split("## (c)")[1]
     assert environment["libraries"]["peft"].endswith("(carried)")  # the carried wheel won over the installed copy
     assert "## (a) Overhead" in summary
     assert "1 passed, 2 skipped" in summary.split("## (d)")[1]  # sdpa fp32 here; sdpa and flash-attn bf16 need a GPU

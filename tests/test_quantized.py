@@ -66,11 +66,14 @@ def test_adapters_stay_float32_on_a_base_computing_in_bfloat16():
     factors = (layer.lora_P, layer.lora_lambda, layer.lora_Q)
     assert {p.dtype for p in factors} == {torch.float32}
     with torch.no_grad():
-        layer.lora_lambda.copy_(torch.tensor([0.5, -1.0, 0.0]))
-    output = holder.proj.train()(torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True))
+        layer.lora_lambda.copy_(torch.tensor([30.0, -60.0, 0.0]))  # large enough for Delta W to show in bf16
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    output = holder.proj.train()(x)
+    assert output.dtype == torch.bfloat16  # the layer answers in the activations' dtype
+    expected = x.float() @ (dequantized(base).float() + layer.delta_weight()).T + base.bias.float()
+    torch.testing.assert_close(output.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 activations and base matmul
     output.float().sum().backward()
-    assert torch.isfinite(output.float()).all()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in factors)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in factors[:2])
 
 
 def test_inject_refuses_base_layers_it_cannot_adapt_exactly_naming_their_type():

@@ -295,7 +295,8 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(recipe, tiny_model_dir, 
 def test_hsdp_2x2_recipe_checkpoints_and_resumes_as_one_process_trains(recipe, tiny_model_dir, tmp_path):
     """The recipe on a 2 x 2 HSDP mesh (4 gloo processes, sharded loading as in hsdp_multinode.yaml) trains as one
     process does, and its full checkpoint (sharded adapters, Adam moments, allocator state, data position) resumes:
-    killed after step 3, the rerun continues to the same losses, decisions and PEFT export."""
+    stopped after step 3 (its last checkpoint removed), the rerun continues to the same losses, decisions and PEFT
+    export."""
     from safetensors.torch import load_file
 
     # 16 rows: every window is full (one micro-batch of 2 on each of 4 processes, 4 of them on one process)

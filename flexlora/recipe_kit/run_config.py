@@ -116,10 +116,12 @@ def run_recipe(main: Callable[[list[str] | None], Any], option_names: dict[str, 
 
 
 def with_option_names(message: str, option_names: dict[str, str]) -> str:
+    """``message`` with each setting of ``option_names`` called by its option: the dotted key anywhere (not inside a
+    path or a longer key), the bare field where one of the message's problems (joined by "; ") starts with it."""
     for key, option in option_names.items():
-        message = re.sub(rf"(?<![\w.-]){re.escape(key)}(?![\w.])", option, message)
+        message = re.sub(rf"(?<![\w./-]){re.escape(key)}(?!\w|\.\w)", option, message)
         bare = key.rsplit(".", 1)[-1]
-        message = re.sub(rf"^{re.escape(bare)}(?=[ :])", option, message)
+        message = re.sub(rf"(^|; ){re.escape(bare)}(?=[ :])", rf"\g<1>{option}", message)
     return message
 
 
