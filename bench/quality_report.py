@@ -241,17 +241,24 @@ def longer_table(profile: Profile, results, tables) -> str:
     )
 
 
-def longest_schedule_cells(profile: Profile, tables) -> tuple[dict, dict[str, int]]:
-    """The cells of the rows the longer schedules cover (FlexLoRA's default, LoRA r=8, AdaLoRA), each task at the
-    longest schedule all of them ran with the same seeds; returns (cells, task -> steps multiple)."""
+def longest_schedule_cells(profile: Profile, tables, results) -> tuple[dict, dict[str, int]]:
+    """The cells of the rows the longer schedules cover, each task at the longest schedule that FlexLoRA's default,
+    LoRA r=8 and AdaLoRA all finished with every seed of the standard one (the switch rows join there, finished or
+    not); returns (cells, task -> steps multiple). A task whose compared runs are still partly missing stays at the
+    standard length."""
     labels = list(dict.fromkeys(row.label for row in profile.longer))
+    compared = [row.label for row in profile.longer if not row.sweep_seeds]  # the switches join, never hold back
     cells, scale = {}, {}
     for task in profile.glue_tasks:
         longer = {row.label: row for row in profile.longer if (row.label, task) in tables["longer"]}
         use_longer = (
-            bool(labels)
-            and all(label in longer for label in labels)
-            and all(longer[label].seeds == next(r for r in profile.rows if r.label == label).seeds for label in labels)
+            bool(compared)
+            and all(label in longer for label in compared)
+            and all(
+                longer[label].seeds == next(r for r in profile.rows if r.label == label).seeds
+                and len(ok(results, tables["longer"][(label, task)])) == len(longer[label].seeds)
+                for label in compared
+            )
         )
         scale[task] = longer[labels[0]].steps_scale if use_longer else 1
         source = tables["longer"] if use_longer else tables["methods"]
@@ -588,7 +595,7 @@ def report(
             "reaching less.",
             longer_table(profile, results, tables),
         ]
-        cells, scale = longest_schedule_cells(profile, tables)
+        cells, scale = longest_schedule_cells(profile, tables, results)
         if any(s != 1 for s in scale.values()):
             verdict_rows = [row for row in profile.rows if (row.label, next(iter(profile.glue_tasks))) in cells]
             convergence, converged = convergence_table(profile, results, cells)

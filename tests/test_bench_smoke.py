@@ -20,8 +20,8 @@ from tiny_models import build_tiny_model_dir
 import flexlora
 from bench.comm_volume import LLAMA3_8B, LLAMA3_70B, base_parameters, multinode_row
 from bench.common import llama3_8b_slice, target_shapes, time_decision
-from bench.quality_plan import PROFILES, Run, best_multiples, plan, sweep_runs
-from bench.quality_report import cell, constant_answer_shares, seed_mean_gap, verdict
+from bench.quality_plan import PROFILES, Run, best_multiples, load_results, plan, sweep_runs
+from bench.quality_report import cell, constant_answer_shares, longest_schedule_cells, seed_mean_gap, verdict
 from bench.quality_runner import allocation_statistics, prepare_output_dir, start_order
 from flexlora.distributed import lambda_gather_payload
 
@@ -410,6 +410,26 @@ def test_quality_verdicts_cells_and_the_plan_by_hand(tmp_path):
     (out / "rank_pattern.json").write_text(json.dumps({"a.q_proj": 8, "b.q_proj": 9, "a.v_proj": 7, "b.v_proj": 8}))
     stats = allocation_statistics(out)
     assert stats["rank_moves"] == 6 and stats["expansions"] == 3 and stats["expansions_pruned_next"] == 1
+
+
+def test_verdicts_move_to_a_longer_schedule_only_once_every_compared_seed_finished():
+    """On the committed --cpu results: CoLA's 2x runs are all in, so its verdicts use them; with one LoRA seed
+    missing they go back to the standard length. STS-B, with every compared 2x run present, moves too; the switch
+    rows never hold a task back."""
+    profile = PROFILES["cpu"]
+    results = load_results(ROOT / "bench" / "results" / "quality_cpu_runs")
+    _, tables, _ = plan(profile, results)
+    compared = [row.label for row in profile.longer if not row.sweep_seeds]
+    assert compared == ["FlexLoRA r=8 (cap 12), mean_norm", "LoRA r=8", "AdaLoRA 12->8"]
+    stsb_done = {run_id: {"status": "ok"} for label in compared for run_id in tables["longer"][(label, "stsb")]}
+    everything = {**results, **stsb_done}
+    cells, scale = longest_schedule_cells(profile, tables, everything)
+    assert scale == {"stsb": 2, "cola": 2, "mrpc": 2}
+    assert cells[("LoRA r=8", "cola")] == tables["longer"][("LoRA r=8", "cola")]
+    missing = tables["longer"][("LoRA r=8", "cola")][1]
+    cells, scale = longest_schedule_cells(profile, tables, {k: v for k, v in everything.items() if k != missing})
+    assert scale == {"stsb": 2, "cola": 1, "mrpc": 2}
+    assert cells[("LoRA r=8", "cola")] == tables["methods"][("LoRA r=8", "cola")]
 
 
 def test_llama3_8b_slice_has_llama3_8b_shapes():
