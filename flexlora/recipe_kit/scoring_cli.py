@@ -11,7 +11,8 @@ from .scoring import PAPER_TASKS, PROTOCOLS, EvalConfig
 from .sections import MODEL_DTYPES, ModelConfig
 
 SCORING_PROGRAM = "python -m eval.commonsense"
-# the settings behind each option, so an error about a setting names the option the user typed (run_recipe)
+# the setting behind each option: scoring_command writes options from these settings, and an error about a setting
+# names the option the user typed (run_recipe)
 OPTION_NAMES = {
     "model.path": "--base",
     "model.gguf_file": "--gguf-file",
@@ -80,27 +81,19 @@ def scoring_command(
 ) -> str:
     """The ``python -m eval.commonsense`` command that scores ``adapter`` as ``config`` says (values equal to the
     command line's defaults are left out), quoted for a POSIX shell."""
+    sections = {"model": model, "eval": config}
     values = {
-        "base": model.path,
-        "gguf_file": model.gguf_file,
-        "dtype": model.dtype,
-        "adapter": str(adapter),
-        "data_dir": None if data_dir is None else str(data_dir),  # None: lm-eval's hub tasks only
-        "tasks": config.tasks,
-        "protocol": config.protocol,
-        "split": config.split,
-        "limit": config.limit,
-        "batch_size": config.batch_size,
-        "max_new_tokens": config.max_new_tokens,
-        "baselines": config.baselines,
-        "output": str(output),
+        option: getattr(sections[setting.split(".")[0]], setting.split(".")[1])
+        for setting, option in OPTION_NAMES.items()
     }
+    values["--data-dir"] = None if data_dir is None else str(data_dir)  # None: lm-eval's hub tasks only
+    values["--adapter"] = str(adapter)
+    values["--output"] = str(output)
     parser = command_line_parser()
     argv = shlex.split(SCORING_PROGRAM)
-    for dest, value in values.items():
-        if value is None or value == parser.get_default(dest):
+    for option, value in values.items():
+        if value is None or value == parser.get_default(option.removeprefix("--").replace("-", "_")):
             continue
-        option = "--" + dest.replace("_", "-")
         if isinstance(value, bool):
             argv.append(option)  # a store_true flag, on
         elif isinstance(value, list):
