@@ -551,7 +551,7 @@ MODEL_CASES = [
     ModelCase("targets-an-embedding", {"adapter.target_modules": "[embed_tokens]"}, ("cannot adapt exactly",)),
     *[
         ModelCase(f"{m}-schedule-longer-than-run", {"method": m, "adapter.t_warmup": 50}, ("adapter.t_warmup (50)",))
-        for m in METHODS
+        for m in ("flexlora", "adalora")  # LoRA has no rank schedule (test_lora_and_adalora_run_through_peft)
     ],
     ModelCase("schedule-in-yaml", {"adapter.t_final": 6}, ("adapter.t_final (6)",), in_yaml=True),
     ModelCase(
@@ -608,3 +608,19 @@ def test_a_config_the_model_contradicts_exits_2_naming_the_field_and_its_source(
     else:
         assert f"{first_key}={settings[first_key]}, from the command line" in message, message
     assert "hub id" not in message or "no such folder" in message, message  # a file is not called a hub id
+
+
+@pytest.mark.parametrize("method", ["flexlora", "adalora"])
+def test_a_schedule_longer_than_train_max_steps_is_refused_before_the_model_loads(
+    method, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    def load_causal_lm(*args, **kwargs):
+        raise AssertionError("the model was loaded before the schedule was checked")
+
+    monkeypatch.setattr(llama3_cr, "load_causal_lm", load_causal_lm)
+    cli = {**tiny_cr_overrides(tiny_model_dir, tmp_path / "run"), "method": method, "adapter.t_final": 6}
+    message = user_error(
+        llama3_cr, ["--config", str(QUICKSTART), *(f"{k}={v}" for k, v in cli.items())], monkeypatch, capsys
+    )
+    expected = "adapter.t_final (6) must be smaller" if method == "flexlora" else "t_final (6 - 6) for AdaLoRA"
+    assert expected in message and "from the command line" in message, message

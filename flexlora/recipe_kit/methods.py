@@ -238,14 +238,6 @@ class AdaLoRAMethod(PeftMethod):
     def __init__(self, model: nn.Module, config: FlexLoRAConfig, task_type: str | None, total_steps: int):
         from peft import AdaLoraConfig
 
-        if config.t_warmup >= total_steps - config.t_final:  # FlexLoRA allows it with b0=0; AdaLoRA never does
-            raise InvalidConfigError(
-                [
-                    f"t_warmup ({config.t_warmup}) must be below total_steps - t_final ({total_steps} - "
-                    f"{config.t_final}) for AdaLoRA, which prunes from t_warmup to total_steps - t_final: lower "
-                    "t_warmup or t_final, or train longer"
-                ]
-            )
         peft_config = AdaLoraConfig(
             init_r=config.max_rank,
             target_r=config.r,
@@ -324,6 +316,23 @@ class AdaLoRAMethod(PeftMethod):
         self._current = self.ranks()
 
 
+def scheduled(method: str, config: FlexLoRAConfig, total_steps: int) -> FlexLoRAConfig:
+    """``config`` for a run of ``total_steps`` optimizer steps, its rank schedule checked against them (a config
+    error otherwise). LoRA has no rank schedule, so a short LoRA run is not refused over the t_final of the yaml
+    it shares with FlexLoRA."""
+    if method == "lora":
+        return config
+    if method == "adalora" and config.t_warmup >= total_steps - config.t_final:  # FlexLoRA allows it with b0=0
+        raise InvalidConfigError(
+            [
+                f"t_warmup ({config.t_warmup}) must be below total_steps - t_final ({total_steps} - "
+                f"{config.t_final}) for AdaLoRA, which prunes from t_warmup to total_steps - t_final: lower "
+                "t_warmup or t_final, or train longer"
+            ]
+        )
+    return config.replace(total_steps=total_steps)
+
+
 def build_method(
     method: str,
     model: nn.Module,
@@ -341,7 +350,7 @@ def build_method(
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}", ["method"])
-    config = config.replace(total_steps=total_steps)
+    config = scheduled(method, config, total_steps)
     if method == "flexlora":
         return FlexLoRAMethod(model, config, task_type)
     if method == "lora":
