@@ -73,11 +73,37 @@ def verdict(flex: list[float], other: list[float]) -> str:
 DIVERGED_POINTS = 20  # a sweep run this far below its sweep's best mean counts as diverged (as a non-finite stop does)
 
 
+def diverged_runs(profile: Profile, results) -> dict[str, list[Run]]:
+    """Per lr sweep, its finished runs that diverged: stopped on a non-finite loss, or ended more than
+    DIVERGED_POINTS below the sweep's best mean."""
+    metric = GLUE_METRICS[profile.sweep_task][1][0]
+    found = {}
+    for key, runs in sweep_runs(profile).items():
+        means = [
+            100 * statistics.fmean(v)
+            for m in profile.lr_multiples
+            if (v := scores(results, [run.id for run in runs if run.lr_multiple == m], metric))
+        ]
+        top = max(means) if means else None
+        found[key] = [
+            run
+            for run in runs
+            if results.get(run.id, {}).get("status") == "diverged"
+            or (
+                top is not None
+                and results.get(run.id, {}).get("status") == "ok"
+                and not 100 * results[run.id]["scores"].get(metric, -math.inf) >= top - DIVERGED_POINTS
+            )
+        ]
+    return found
+
+
 def sweep_table(profile: Profile, results, tables) -> str:
     """Per sweep (each method's, each switch's own): the score at each lr multiple (mean over its seeds), the chosen
     multiple, the multiples within 1 point of the best, and every diverged run."""
     metric = GLUE_METRICS[profile.sweep_task][1][0]
     best = best_multiples(profile, results)
+    diverged = diverged_runs(profile, results)
     base = float(config_values(profile.glue_config.format(task=profile.sweep_task))["train"]["lr"])
     header = (
         ["sweep", "seeds"]
@@ -90,16 +116,6 @@ def sweep_table(profile: Profile, results, tables) -> str:
         ids = {m: tables["sweep"][(key, m)] for m in profile.lr_multiples}
         means = {m: 100 * statistics.fmean(v) for m in profile.lr_multiples if (v := scores(results, ids[m], metric))}
         top = max(means.values()) if means else None
-        diverged = [
-            f"x {run.lr_multiple:g} seed {run.seed}"
-            for run in runs
-            if results.get(run.id, {}).get("status") == "diverged"
-            or (
-                top is not None
-                and results.get(run.id, {}).get("status") == "ok"
-                and not 100 * results[run.id]["scores"].get(metric, -math.inf) >= top - DIVERGED_POINTS
-            )
-        ]
         seeds = sorted({run.seed for run in runs})
         body.append(
             [key, ", ".join(map(str, seeds))]
@@ -109,7 +125,7 @@ def sweep_table(profile: Profile, results, tables) -> str:
                 if key in best
                 else "sweep not finished",
                 ", ".join(f"x {m:g}" for m, v in means.items() if v >= top - 1.0) if means else "-",
-                ", ".join(diverged) or "none",
+                ", ".join(f"x {run.lr_multiple:g} seed {run.seed}" for run in diverged[key]) or "none",
             ]
         )
     return markdown_table(header, body)
@@ -316,6 +332,64 @@ def verdict_table(
     if tasks:
         body.append(["GLUE average"] + [verdict(averages(flex.label), averages(row.label)) for row in others])
     return markdown_table(["task", *[f"{flex.label.split(',')[0]} vs {row.label}" for row in others]], body)
+
+
+def switch_decision_table(profile: Profile, results, cells, steps_scale: dict[str, int]) -> str:
+    """The rule that makes a switch (a row with its own lr sweep) FlexLoRA's default, criterion by criterion: better
+    than the default on every task, not worse than LoRA r=8 on any, and diverging at no lr multiple where the
+    default's sweep does not; each task at the schedule the verdicts use (``cells``, ``steps_scale``). A failed
+    criterion decides; one not measured yet leaves the decision open."""
+    default, lora = profile.rows[0], next(row for row in profile.rows if row.method == "lora")
+    diverged = diverged_runs(profile, results)
+    default_diverged = {run.lr_multiple for run in diverged[default.method]}
+    sweeps_done = best_multiples(profile, results)
+
+    def against(switch: Row, other: Row, holds) -> list[tuple[bool | None, str]]:
+        """Per task: whether ``holds`` of the verdict of ``switch`` against ``other`` (None: not measured)."""
+        found = []
+        for task in profile.glue_tasks:
+            metric = GLUE_METRICS[task][1][0]
+            outcome = verdict(*(scores(results, cells.get((r.label, task), []), metric) for r in (switch, other)))
+            scale = steps_scale.get(task, 1)
+            name = GLUE_METRICS[task][0] + (f" {scale}x" if scale != 1 else "")
+            found.append((None if outcome == "not measured" else holds(outcome), f"{name} {outcome.split(' (')[0]}"))
+        return found
+
+    def summary(outcomes: list[tuple[bool | None, str]]) -> str:
+        passed = [p for p, _ in outcomes]
+        state = "no" if False in passed else "not measured yet" if None in passed else "yes"
+        return f"{state}: " + ", ".join(text for _, text in outcomes)
+
+    body = []
+    for row in (r for r in profile.rows if r.sweep_seeds):
+        extra = sorted({run.lr_multiple for run in diverged[row.label]} - default_diverged)
+        criteria = [
+            summary(against(row, default, lambda outcome: outcome.startswith("**better**"))),
+            summary(against(row, lora, lambda outcome: "**worse**" not in outcome)),
+            summary(
+                [(False, "diverges at " + ", ".join(f"x {m:g}" for m in extra))]
+                if extra
+                else [(True, "none") if row.label in sweeps_done else (None, "sweep not finished")]
+            ),
+        ]
+        decision = (
+            "stays a switch"
+            if any(c.startswith("no:") for c in criteria)
+            else "open: not measured yet"
+            if any(c.startswith("not measured") for c in criteria)
+            else "**becomes the default**"
+        )
+        body.append([row.label, *criteria, decision])
+    return markdown_table(
+        [
+            "switch",
+            "better than the default on every task",
+            f"not worse than {lora.label} on any task",
+            "diverges at no lr where the default does not",
+            "decision",
+        ],
+        body,
+    )
 
 
 def allocation_table(results, cells, rows: tuple[Row, ...]) -> str:
@@ -624,6 +698,15 @@ def report(
                     scale,
                 ),
             ]
+    if any(row.sweep_seeds for row in profile.rows):
+        cells, scale = longest_schedule_cells(profile, tables, results) if profile.longer else (tables["methods"], {})
+        parts += [
+            "## Does a switch become the default?",
+            "The rule, each task at the schedule the verdicts use: better than FlexLoRA's default on every task, not "
+            f"worse than LoRA r=8 on any, and diverging at no lr where the default's sweep does not (a run more than "
+            f"{DIVERGED_POINTS} points below its sweep's best counts as diverged).",
+            switch_decision_table(profile, results, cells, scale),
+        ]
     if profile.ablations:
         switch_cells = {**tables["methods"], **tables["ablations"]}
         parts += [

@@ -20,8 +20,15 @@ from tiny_models import build_tiny_model_dir
 import flexlora
 from bench.comm_volume import LLAMA3_8B, LLAMA3_70B, base_parameters, multinode_row
 from bench.common import llama3_8b_slice, target_shapes, time_decision
-from bench.quality_plan import PROFILES, Run, best_multiples, load_results, plan, sweep_runs
-from bench.quality_report import cell, constant_answer_shares, longest_schedule_cells, seed_mean_gap, verdict
+from bench.quality_plan import GLUE_METRICS, PROFILES, Run, best_multiples, load_results, plan, sweep_runs
+from bench.quality_report import (
+    cell,
+    constant_answer_shares,
+    longest_schedule_cells,
+    seed_mean_gap,
+    switch_decision_table,
+    verdict,
+)
 from bench.quality_runner import allocation_statistics, prepare_output_dir, start_order
 from flexlora.distributed import lambda_gather_payload
 
@@ -430,6 +437,37 @@ def test_verdicts_move_to_a_longer_schedule_only_once_every_compared_seed_finish
     cells, scale = longest_schedule_cells(profile, tables, {k: v for k, v in everything.items() if k != missing})
     assert scale == {"stsb": 2, "cola": 1, "mrpc": 2}
     assert cells[("LoRA r=8", "cola")] == tables["methods"][("LoRA r=8", "cola")]
+
+
+def test_the_switch_decision_applies_every_criterion_of_the_rule():
+    """On the committed --cpu results at the standard length: lambda lr auto diverges at lr multiples where the
+    default does not, so it stays a switch whatever its scores. With the orthonormal start's scores raised above every
+    other row on every task, and nothing diverging, it becomes the default; with one task's runs removed, the
+    decision waits for them."""
+    profile = PROFILES["cpu"]
+    results = load_results(ROOT / "bench" / "results" / "quality_cpu_runs")
+    _, tables, _ = plan(profile, results)
+    cells = tables["methods"]
+
+    def decisions(results) -> dict[str, dict[str, str]]:
+        rows = table_with(switch_decision_table(profile, results, cells, {}), "switch", "decision")
+        return {row["switch"]: row for row in rows}
+
+    auto = decisions(results)["FlexLoRA, lambda lr auto"]
+    assert auto["decision"] == "stays a switch"
+    assert auto["diverges at no lr where the default does not"] == "no: diverges at x 2, x 4"
+    orthonormal = "FlexLoRA, orthonormal start"
+    raised = dict(results)
+    for task in profile.glue_tasks:
+        metric = GLUE_METRICS[task][1][0]
+        for seed, run_id in enumerate(cells[(orthonormal, task)]):
+            raised[run_id] = {**results[run_id], "scores": {metric: 0.95 + seed / 1000}}
+    assert decisions(raised)[orthonormal]["decision"] == "**becomes the default**"
+    for run_id in cells[(orthonormal, "mrpc")]:
+        del raised[run_id]
+    decided = decisions(raised)[orthonormal]
+    assert decided["decision"] == "open: not measured yet"
+    assert decided["better than the default on every task"].startswith("not measured yet: ")
 
 
 def test_llama3_8b_slice_has_llama3_8b_shapes():
