@@ -337,49 +337,56 @@ def verdict_table(
 def switch_decision_table(profile: Profile, results, cells, steps_scale: dict[str, int]) -> str:
     """The rule that makes a switch (a row with its own lr sweep) FlexLoRA's default, criterion by criterion: better
     than the default on every task, not worse than LoRA r=8 on any, and diverging at no lr multiple where the
-    default's sweep does not; each task at the schedule the verdicts use (``cells``, ``steps_scale``). A failed
-    criterion decides; one not measured yet leaves the decision open."""
+    default's sweep does not; each task at the schedule the verdicts use (``cells``, ``steps_scale``). A criterion
+    is judged only on finished cells and sweeps (every seed); a failed one decides, one not measured yet leaves the
+    decision open."""
     default, lora = profile.rows[0], next(row for row in profile.rows if row.method == "lora")
     diverged = diverged_runs(profile, results)
-    default_diverged = {run.lr_multiple for run in diverged[default.method]}
     sweeps_done = best_multiples(profile, results)
 
     def against(switch: Row, other: Row, holds) -> list[tuple[bool | None, str]]:
-        """Per task: whether ``holds`` of the verdict of ``switch`` against ``other`` (None: not measured)."""
+        """Per task: whether ``holds`` of the verdict of ``switch`` against ``other`` (None: a cell not finished)."""
         found = []
         for task in profile.glue_tasks:
             metric = GLUE_METRICS[task][1][0]
-            outcome = verdict(*(scores(results, cells.get((r.label, task), []), metric) for r in (switch, other)))
+            ids = [cells.get((row.label, task), []) for row in (switch, other)]
+            finished = all(cell_ids and len(ok(results, cell_ids)) == len(cell_ids) for cell_ids in ids)
+            outcome = verdict(*(scores(results, cell_ids, metric) for cell_ids in ids)) if finished else "not measured"
             scale = steps_scale.get(task, 1)
             name = GLUE_METRICS[task][0] + (f" {scale}x" if scale != 1 else "")
             found.append((None if outcome == "not measured" else holds(outcome), f"{name} {outcome.split(' (')[0]}"))
         return found
 
-    def summary(outcomes: list[tuple[bool | None, str]]) -> str:
+    def divergence(switch: Row) -> list[tuple[bool | None, str]]:
+        if not {switch.lr_method, default.lr_method} <= set(sweeps_done):
+            return [(None, "sweeps not finished")]
+        extra = sorted(
+            {run.lr_multiple for run in diverged[switch.lr_method]}
+            - {run.lr_multiple for run in diverged[default.lr_method]}
+        )
+        return [(False, "diverges at " + ", ".join(f"x {m:g}" for m in extra))] if extra else [(True, "none")]
+
+    def judged(outcomes: list[tuple[bool | None, str]]) -> tuple[str, str]:
         passed = [p for p, _ in outcomes]
         state = "no" if False in passed else "not measured yet" if None in passed else "yes"
-        return f"{state}: " + ", ".join(text for _, text in outcomes)
+        return state, f"{state}: " + ", ".join(text for _, text in outcomes)
 
     body = []
     for row in (r for r in profile.rows if r.sweep_seeds):
-        extra = sorted({run.lr_multiple for run in diverged[row.label]} - default_diverged)
         criteria = [
-            summary(against(row, default, lambda outcome: outcome.startswith("**better**"))),
-            summary(against(row, lora, lambda outcome: "**worse**" not in outcome)),
-            summary(
-                [(False, "diverges at " + ", ".join(f"x {m:g}" for m in extra))]
-                if extra
-                else [(True, "none") if row.label in sweeps_done else (None, "sweep not finished")]
-            ),
+            judged(against(row, default, lambda outcome: outcome.startswith("**better**"))),
+            judged(against(row, lora, lambda outcome: "**worse**" not in outcome)),
+            judged(divergence(row)),
         ]
+        states = {state for state, _ in criteria}
         decision = (
             "stays a switch"
-            if any(c.startswith("no:") for c in criteria)
+            if "no" in states
             else "open: not measured yet"
-            if any(c.startswith("not measured") for c in criteria)
+            if "not measured yet" in states
             else "**becomes the default**"
         )
-        body.append([row.label, *criteria, decision])
+        body.append([row.label, *(text for _, text in criteria), decision])
     return markdown_table(
         [
             "switch",
@@ -651,7 +658,7 @@ def report(
     parts += [
         "## FlexLoRA's default against its variants",
         "The same rule; **better** means the default beats the variant, **worse** that the variant beats the "
-        "default. A switch becomes the default only if it is better on every task.",
+        'default. Whether a switch becomes the default: see "Does a switch become the default?" below.',
         verdict_table(
             profile,
             results,
@@ -660,6 +667,8 @@ def report(
             [row for row in profile.rows[1:] if row.method == "flexlora"],
         ),
     ]
+    # each task at the longest schedule every compared row finished (the verdicts' schedule)
+    cells, scale = longest_schedule_cells(profile, tables, results) if profile.longer else (tables["methods"], {})
     if profile.longer:
         parts += [
             "## Longer schedule: do the scores still move?",
@@ -669,7 +678,6 @@ def report(
             "reaching less.",
             longer_table(profile, results, tables),
         ]
-        cells, scale = longest_schedule_cells(profile, tables, results)
         if any(s != 1 for s in scale.values()):
             verdict_rows = [row for row in profile.rows if (row.label, next(iter(profile.glue_tasks))) in cells]
             convergence, converged = convergence_table(profile, results, cells)
@@ -699,12 +707,13 @@ def report(
                 ),
             ]
     if any(row.sweep_seeds for row in profile.rows):
-        cells, scale = longest_schedule_cells(profile, tables, results) if profile.longer else (tables["methods"], {})
+        lora = next(row for row in profile.rows if row.method == "lora")
         parts += [
             "## Does a switch become the default?",
-            "The rule, each task at the schedule the verdicts use: better than FlexLoRA's default on every task, not "
-            f"worse than LoRA r=8 on any, and diverging at no lr where the default's sweep does not (a run more than "
-            f"{DIVERGED_POINTS} points below its sweep's best counts as diverged).",
+            "The rule, each task at the schedule the verdicts use, on finished cells only (every seed): better than "
+            f"FlexLoRA's default on every task, not worse than {lora.label} on any, and diverging at no lr where the "
+            f"default's sweep does not (a run more than {DIVERGED_POINTS} points below its sweep's best counts as "
+            "diverged; a switch's sweep runs 2 seeds, the default's 1, so a switch has more chances to diverge).",
             switch_decision_table(profile, results, cells, scale),
         ]
     if profile.ablations:

@@ -51,13 +51,7 @@ from flexlora.recipe_kit.scoring import EvalConfig, format_table, plan_tasks, sc
 from flexlora.recipe_kit.scoring_cli import scoring_command
 from flexlora.recipe_kit.sections import CheckpointConfig, LoggingConfig, ModelConfig, TrainConfig, check_run_sections
 from flexlora.recipe_kit.startup import start_run
-from flexlora.recipe_kit.train_setup import (
-    build_training,
-    refuse_unfit_schedule,
-    refuse_unsupported_engine,
-    run_metrics,
-    save_outputs,
-)
+from flexlora.recipe_kit.train_setup import build_training, refuse_unsupported_engine, run_metrics, save_outputs
 
 log = logging.getLogger("llama3_cr")
 
@@ -89,7 +83,6 @@ def main(argv: list[str] | None = None) -> None:
     config, accelerator, out, overridden = start_run(RecipeConfig, argv, log)
     is_main = accelerator.is_main_process
     refuse_unsupported_engine(config, accelerator)  # before loading an 8B model, not after
-    refuse_unfit_schedule(config)
     set_seed(config.train.seed)
 
     data_path = config.data.path

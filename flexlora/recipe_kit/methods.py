@@ -232,10 +232,11 @@ class LoRAMethod(PeftMethod):
 class AdaLoRAMethod(PeftMethod):
     """PEFT's AdaLoRA at FlexLoRA's budget: ``init_r`` = FlexLoRA's capacity ``max_rank`` (the same A, E, B
     parameters per matrix as FlexLoRA's P, lambda, Q) and ``target_r`` = ``r`` (the same total active rank at the
-    end). Its schedule takes FlexLoRA's: tinit = t_warmup, tfinal = t_final, deltaT = delta_t, total_step = T.
+    end). Its schedule takes FlexLoRA's: tinit = t_warmup, tfinal = t_final, deltaT = delta_t, total_step = total_steps
+    (set by ``scheduled``).
     """
 
-    def __init__(self, model: nn.Module, config: FlexLoRAConfig, task_type: str | None, total_steps: int):
+    def __init__(self, model: nn.Module, config: FlexLoRAConfig, task_type: str | None):
         from peft import AdaLoraConfig
 
         peft_config = AdaLoraConfig(
@@ -244,7 +245,7 @@ class AdaLoRAMethod(PeftMethod):
             tinit=config.t_warmup,
             tfinal=config.t_final,
             deltaT=config.delta_t,
-            total_step=total_steps,
+            total_step=config.total_steps,
             beta1=config.sensitivity_beta1,
             beta2=config.sensitivity_beta2,
             orth_reg_weight=config.orth_reg_weight,
@@ -322,6 +323,7 @@ def scheduled(method: str, config: FlexLoRAConfig, total_steps: int) -> FlexLoRA
     it shares with FlexLoRA."""
     if method == "lora":
         return config
+    config = config.replace(total_steps=total_steps)  # FlexLoRA's own checks first: they name the field at fault
     if method == "adalora" and config.t_warmup >= total_steps - config.t_final:  # FlexLoRA allows it with b0=0
         raise InvalidConfigError(
             [
@@ -330,7 +332,7 @@ def scheduled(method: str, config: FlexLoRAConfig, total_steps: int) -> FlexLoRA
                 "t_warmup or t_final, or train longer"
             ]
         )
-    return config.replace(total_steps=total_steps)
+    return config
 
 
 def build_method(
@@ -355,4 +357,4 @@ def build_method(
         return FlexLoRAMethod(model, config, task_type)
     if method == "lora":
         return LoRAMethod(model, config, task_type)
-    return AdaLoRAMethod(model, config, task_type, total_steps)
+    return AdaLoRAMethod(model, config, task_type)

@@ -86,12 +86,14 @@ def scoring_command(
         option: getattr(sections[setting.split(".")[0]], setting.split(".")[1])
         for setting, option in OPTION_NAMES.items()
     }
+    # the folder the recipe resolved (eval.data_dir, or the training data folder) replaces eval.data_dir as written
     values["--data-dir"] = None if data_dir is None else str(data_dir)  # None: lm-eval's hub tasks only
     values["--adapter"] = str(adapter)
     values["--output"] = str(output)
     parser = command_line_parser()
     argv = shlex.split(SCORING_PROGRAM)
     for option, value in values.items():
+        # argparse's dest of "--max-new-tokens" is max_new_tokens (no option here sets its own dest)
         if value is None or value == parser.get_default(option.removeprefix("--").replace("-", "_")):
             continue
         if isinstance(value, bool):

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from flexlora.accelerate_setup import build_accelerator
 
+from .methods import scheduled
 from .records import build_trackers, flat_config, setup_logging
 from .run_config import ConfigError, check_writable_folder, config_to_yaml, load_config, parse_cli
 
@@ -51,11 +52,14 @@ class StartedRun(NamedTuple):
 
 
 def start_run(config_class: type, argv: list[str] | None, recipe_log: logging.Logger) -> StartedRun:
-    """A recipe's first lines. Reads ``--config file.yaml key=value ...`` (argv, or the command line), builds the
-    accelerator with the config's trackers, sets up logging, clears what an earlier run left that this one must not
-    keep, and writes the resolved config to the folder."""
+    """A recipe's first lines. Reads ``--config file.yaml key=value ...`` (argv, or the command line), checks the rank
+    schedule against ``train.max_steps`` where that fixes the step count, builds the accelerator with the config's
+    trackers, sets up logging, clears what an earlier run left that this one must not keep, and writes the resolved
+    config to the folder."""
     config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv, config_class, Path(sys.argv[0]).name)
     config = load_config(config_class, config_path, overrides)
+    if config.train.max_steps:  # a schedule that cannot run stops here, before output_dir is cleared or a model loads
+        scheduled(config.method, config.adapter, config.train.max_steps)
     out = Path(config.output_dir)
     check_writable_folder(out, "output_dir")
     previous = [name for name in (*RUN_RECORDS, *FINAL_OUTPUTS, GENERATED_DATA) if (out / name).exists()]

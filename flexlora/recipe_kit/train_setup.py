@@ -21,7 +21,7 @@ from flexlora.optim_state import param_groups
 from flexlora.schedule import in_allocation_window
 
 from .loop import DataIdentity, TrainingRun, TrainLoop, batches_per_process, steps_per_epoch
-from .methods import AdapterMethod, build_method, scheduled
+from .methods import AdapterMethod, build_method
 from .models import allocate_trainable_parameters
 from .records import plot_rank_heatmap
 from .run_config import ConfigError
@@ -57,13 +57,6 @@ def refuse_unsupported_engine(config, accelerator) -> None:
             "shard it (torchtune shards torchao's NF4Tensor; these recipes do not). Run one process or "
             "DDP (accelerate_configs/ddp.yaml)"
         )
-
-
-def refuse_unfit_schedule(config) -> None:
-    """Where ``train.max_steps`` fixes the step count, a rank schedule that cannot run in it is refused now, before
-    the model loads (with ``train.epochs`` the count waits for the tokenized data, and ``build_method`` checks)."""
-    if config.train.max_steps:
-        scheduled(config.method, config.adapter, config.train.max_steps)
 
 
 def schedule_warnings(config, total_steps: int, warmup: int) -> list[str]:
