@@ -284,6 +284,15 @@ def longest_schedule_cells(profile: Profile, tables, results) -> tuple[dict, dic
     return cells, scale
 
 
+def seeds_note(results, *cells: list[str]) -> str:
+    """ " (1 of 3 seeds)" where a cell's runs are not all finished, so a verdict on part of the seeds says so."""
+    for ids in cells:
+        finished = len(ok(results, ids))
+        if 0 < finished < len(ids):
+            return f" ({finished} of {len(ids)} seeds)"
+    return ""
+
+
 def verdict_table(
     profile: Profile,
     results,
@@ -310,6 +319,7 @@ def verdict_table(
             ]
             + [
                 verdict(mine, scores(results, cells[(row.label, task)], metric, key))
+                + seeds_note(results, cells[(flex.label, task)], cells[(row.label, task)])
                 if (row.label, task) in cells
                 else "not measured"
                 for row in others
