@@ -285,7 +285,7 @@ def longest_schedule_cells(profile: Profile, tables, results) -> tuple[dict, dic
 
 
 def seeds_note(results, *cells: list[str]) -> str:
-    """ " (1 of 3 seeds)" where a cell's runs are not all finished, so a verdict on part of the seeds says so."""
+    """The note " (1 of 3 seeds)" where a cell's runs are not all finished: a verdict on part of the seeds says so."""
     for ids in cells:
         finished = len(ok(results, ids))
         if 0 < finished < len(ids):

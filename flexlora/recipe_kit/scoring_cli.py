@@ -82,10 +82,10 @@ def scoring_command(
     """The ``python -m eval.commonsense`` command that scores ``adapter`` as ``config`` says (values equal to the
     command line's defaults are left out), quoted for a POSIX shell."""
     sections = {"model": model, "eval": config}
-    values = {
-        option: getattr(sections[setting.split(".")[0]], setting.split(".")[1])
-        for setting, option in OPTION_NAMES.items()
-    }
+    values = {}
+    for setting, option in OPTION_NAMES.items():
+        section, _, name = setting.partition(".")
+        values[option] = getattr(sections[section], name)
     # the folder the recipe resolved (eval.data_dir, or the training data folder) replaces eval.data_dir as written
     values["--data-dir"] = None if data_dir is None else str(data_dir)  # None: lm-eval's hub tasks only
     values["--adapter"] = str(adapter)
